@@ -94,7 +94,7 @@ class ServingConfig(Section):
     """Timeout for every model request."""
     max_retries: int = Field(default=3, ge=0)
     """Retries of a failed model request (connection errors, 5xx) before the episode fails."""
-    weight_transport: Literal["full", "lora"] = "full"
+    weight_transport: Literal["full", "lora"] = "lora"
     """How refreshed weights reach the live server: full reload or LoRA hot-load (DESIGN §5)."""
     admin_token_env: str = "GOPO_ADMIN_TOKEN"
     """Env var with the token required by admin endpoints when a server binds beyond loopback."""
@@ -207,7 +207,7 @@ class WorkersConfig(Section):
 
 
 class LearnerConfig(Section):
-    finetune: Literal["full", "lora"] = "full"
+    finetune: Literal["full", "lora"] = "lora"
     """Full fine-tuning or LoRA adapters."""
     lora_rank: int = Field(default=8, ge=1)
     """LoRA rank (finetune = "lora")."""
@@ -317,6 +317,21 @@ class GopoConfig(Section):
     learner: LearnerConfig = LearnerConfig()
     rewards: RewardsConfig = RewardsConfig()
     dashboard: DashboardConfig = DashboardConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GopoConfig:
+        if self.serving.weight_transport == "full" and self.serving.simulator == "same":
+            raise ValueError(
+                "serving.weight_transport = 'full' replaces the policy server's base model, which serving.simulator ="
+                " 'same' also uses for the simulator and judge: set serving.simulator = 'separate' or 'external'"
+            )
+        if self.serving.weight_transport == "lora" and self.learner.finetune == "full":
+            raise ValueError("serving.weight_transport = 'lora' needs learner.finetune = 'lora' (no adapter to push)")
+        if self.learner.finetune == "lora" and self.learner.lora_rank > self.serving.max_lora_rank:
+            raise ValueError(
+                f"learner.lora_rank = {self.learner.lora_rank} exceeds serving.max_lora_rank = {self.serving.max_lora_rank}"
+            )
+        return self
 
 
 class ConfigError(ValueError):

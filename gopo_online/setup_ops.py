@@ -13,9 +13,14 @@ def main() -> None:
 
     if torch.cuda.is_available():
         return  # GPU boxes use the fused CUDA ops, built by DeepSpeed on demand.
-    from deepspeed.ops.op_builder import CPUAdamBuilder, ShmCommBuilder
+    from deepspeed.accelerator import get_accelerator
 
-    for builder in (CPUAdamBuilder(), ShmCommBuilder()):
+    accel = get_accelerator()
+    for name in ("CPUAdamBuilder", "ShareMemCommBuilder"):
+        builder = accel.create_op_builder(name)
+        if builder is None:
+            print(f"[setup_ops] {name}: not offered by the {accel.device_name()} accelerator", flush=True)
+            continue
         t0 = time.time()
         builder.load(verbose=False)
         print(f"[setup_ops] built {builder.name} in {time.time() - t0:.1f}s", flush=True)
