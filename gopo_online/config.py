@@ -57,6 +57,8 @@ class ModelConfig(Section):
 
 
 class ServerConfig(Section):
+    url: str | None = None
+    """Root URL (http://host:port) of an already running server to join; None: `train`/`serve` start one."""
     host: str = "127.0.0.1"
     """Bind address; keep loopback unless you set an admin token."""
     port: int | None = Field(default=None, ge=1, le=65535)
