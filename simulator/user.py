@@ -1,0 +1,324 @@
+"""LLM user simulator (InteractCS §4.1.2, eq 3): role-play conditioned on persona, scenario, hidden goal and history.
+
+Each call returns the user's utterance plus metadata (intent, emotion, satisfaction 1-5, stop, completed_tasks) as
+one JSON object. Small models write bad JSON, so:
+
+1. against vLLM (`structured="regex"`, default) the request carries `user_turn_regex()` as
+   `structured_outputs.regex` (DESIGN §5: `guided_json` is silently ignored by vLLM 0.32). The JSON-schema path
+   (`structured_outputs.json`) let SmolLM2 fill the whitespace xgrammar admits until max_tokens ran out (3 of 12
+   recorded outputs truncated, tests/simulator/fixtures); the regex admits no free whitespace. Against other
+   endpoints use `structured="json"` (`ChatClient(vllm=False)` sends it as `response_format`);
+2. the text is repaired (`simulator.jsonrepair`: fences, first {...}, quotes, trailing commas, unclosed braces) and
+   normalised (satisfaction coerced to an int and clamped to 1-5, "true"/"false" strings to booleans, unknown task
+   ids dropped) — every change is listed in `UserTurn.repairs`;
+3. a reply that still lacks a required field is re-asked with a new seed, at most `json_retries` times;
+4. then the call returns a `UserTurnError` naming the failed stage with every raw output. Nothing is invented:
+   a missing intent/emotion/satisfaction/stop is an error, never a default. (`completed_tasks` absent = no claim.)
+
+Deterministic for a fixed seed and batch mix (vLLM seeds reproduce only with the same batch, DESIGN §5).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Sequence
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+from gopo_online.types import UserTurnMeta
+from simulator.jsonrepair import JSONRepairError, parse_json_object
+from simulator.personas import Persona
+from simulator.scenarios import TASK_IDS, ScenarioInstance
+from simulator.state import EMOTIONS, INTENTS
+
+REQUIRED_FIELDS = ("utterance", "intent", "emotion", "satisfaction", "stop")
+
+
+def user_turn_schema() -> dict[str, Any]:
+    """JSON schema of one simulator turn (what `structured_outputs.json` enforces on vLLM)."""
+    return {
+        "type": "object",
+        "properties": {
+            "utterance": {"type": "string"},
+            "intent": {"type": "string", "enum": list(INTENTS)},
+            "emotion": {"type": "string", "enum": list(EMOTIONS)},
+            "satisfaction": {"type": "integer", "enum": [1, 2, 3, 4, 5]},
+            "stop": {"type": "boolean"},
+            "completed_tasks": {"type": "array", "items": {"type": "string", "enum": list(TASK_IDS)}, "maxItems": 3},
+        },
+        "required": [*REQUIRED_FIELDS, "completed_tasks"],
+        "additionalProperties": False,
+    }
+
+
+def _ordered_task_lists() -> list[str]:
+    from itertools import combinations
+
+    subsets = [c for k in range(1, len(TASK_IDS) + 1) for c in combinations(TASK_IDS, k)]
+    return ["\\[\\]"] + ["\\[" + ", ".join(f'"{t}"' for t in c) + "\\]" for c in subsets]
+
+
+def user_turn_regex(max_utterance_chars: int = 280) -> str:
+    """The same turn as one regex (vLLM `structured_outputs.regex`): no free whitespace (xgrammar JSON lets a small
+    model emit whitespace runs until max_tokens, recorded in the fixtures), a bounded utterance, closed intent/emotion
+    sets and completed_tasks as distinct task ids in sequence order."""
+    alt = "|".join
+    return (
+        '\\{"utterance": "[^"\\\\\\n]{1,' + str(max_utterance_chars) + '}", '
+        f'"intent": "({alt(INTENTS)})", "emotion": "({alt(EMOTIONS)})", "satisfaction": [1-5], '
+        f'"stop": (true|false), "completed_tasks": ({alt(_ordered_task_lists())})\\}}'
+    )
+
+
+class ChatLike(Protocol):
+    """What the simulator needs from a client: `gopo_online.serving.client.ChatClient.chat`."""
+
+    def chat(
+        self,
+        messages: Sequence[dict[str, str]],
+        *,
+        model: str,
+        temperature: float,
+        max_tokens: int,
+        seed: int | None = None,
+        structured: dict[str, Any] | None = None,
+    ) -> Any: ...
+
+
+class UserTurn(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    ok: Literal[True] = True
+    utterance: str
+    meta: UserTurnMeta
+    raw: str
+    attempts: int
+    repairs: tuple[str, ...] = ()
+    """What the repair step changed (empty when the model wrote valid JSON)."""
+    latency_s: float = 0.0
+
+
+class UserTurnError(BaseModel):
+    """The simulator could not produce a valid turn within its retry budget."""
+
+    model_config = ConfigDict(frozen=True)
+    ok: Literal[False] = False
+    stage: Literal["request", "json", "fields"]
+    """request: the endpoint failed; json: no object could be recovered; fields: required fields missing/invalid."""
+    error: str
+    raw_outputs: tuple[str, ...] = ()
+    attempts: int = 0
+    latency_s: float = 0.0
+
+
+UserResult = UserTurn | UserTurnError
+
+
+class FieldError(ValueError):
+    pass
+
+
+def _coerce_satisfaction(v: Any, repairs: list[str]) -> int:
+    if isinstance(v, bool):
+        raise FieldError(f"satisfaction is a boolean ({v!r})")
+    if isinstance(v, int):
+        n = v
+    elif isinstance(v, float):
+        n = round(v)
+        repairs.append(f"satisfaction {v!r} rounded to {n}")
+    elif isinstance(v, str):
+        m = re.search(r"-?\d+(\.\d+)?", v)
+        if not m:
+            raise FieldError(f"satisfaction {v!r} has no number")
+        n = round(float(m.group()))
+        repairs.append(f"satisfaction {v!r} read as {n}")
+    else:
+        raise FieldError(f"satisfaction has type {type(v).__name__}")
+    if not 1 <= n <= 5:
+        clamped = min(max(n, 1), 5)
+        repairs.append(f"satisfaction {n} clamped to {clamped}")
+        n = clamped
+    return n
+
+
+def _coerce_bool(v: Any, repairs: list[str]) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.strip().lower() in ("true", "yes", "false", "no"):
+        repairs.append(f"stop {v!r} read as a boolean")
+        return v.strip().lower() in ("true", "yes")
+    if isinstance(v, int) and v in (0, 1):
+        repairs.append(f"stop {v!r} read as a boolean")
+        return bool(v)
+    raise FieldError(f"stop {v!r} is not a boolean")
+
+
+def _label(v: Any, name: str) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise FieldError(f"{name} {v!r} is not a non-empty string")
+    return v.strip().lower()
+
+
+def parse_user_output(text: str) -> tuple[str, UserTurnMeta, tuple[str, ...]]:
+    """Raw model text -> (utterance, metadata, repairs). Raises `JSONRepairError` or `FieldError`."""
+    obj = parse_json_object(text)
+    repairs: list[str] = []
+    try:
+        json.loads(text.strip())
+    except json.JSONDecodeError:
+        repairs.append("JSON repaired")
+    missing = [f for f in REQUIRED_FIELDS if f not in obj]
+    if missing:
+        raise FieldError(f"missing field(s) {missing}; got keys {sorted(obj)}")
+    utterance = obj["utterance"]
+    if not isinstance(utterance, str) or not utterance.strip():
+        raise FieldError(f"utterance {utterance!r} is empty or not a string")
+    tasks_raw = obj.get("completed_tasks") or []
+    if isinstance(tasks_raw, str):
+        tasks_raw = [tasks_raw]
+        repairs.append("completed_tasks string wrapped in a list")
+    if not isinstance(tasks_raw, list):
+        raise FieldError(f"completed_tasks {tasks_raw!r} is not a list")
+    tasks = tuple(dict.fromkeys(str(t) for t in tasks_raw if str(t) in TASK_IDS))
+    if len(tasks) != len(tasks_raw):
+        repairs.append(f"completed_tasks {tasks_raw!r} filtered to {list(tasks)}")
+    meta = UserTurnMeta(
+        intent=_label(obj["intent"], "intent"),
+        emotion=_label(obj["emotion"], "emotion"),
+        satisfaction=_coerce_satisfaction(obj["satisfaction"], repairs),
+        stop=_coerce_bool(obj["stop"], repairs),
+        completed_tasks=tasks,
+    )
+    return utterance.strip(), meta, tuple(repairs)
+
+
+def _facts(d: dict[str, Any]) -> str:
+    return "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in d.items())
+
+
+def build_messages(
+    persona: Persona, instance: ScenarioInstance, history: Sequence[tuple[str, str]], turn: int, max_turns: int
+) -> list[dict[str, str]]:
+    """The role-play prompt. Roles are flipped: the agent's replies are the 'user' side of this chat."""
+    fam = instance.scenario
+    system = (
+        f"You are a CUSTOMER talking to a {fam.title} agent. Stay in character.\n"
+        f"Your profile:\n{persona.prompt_profile()}\n"
+        f"Your situation: {_facts(instance.user_facts)}.\n"
+        f"Your hidden goal (never say it is hidden): {instance.goal.text}\n"
+        f"The agent should (1) understand your need, (2) give you the facts, (3) propose a next step. "
+        f"Task ids: {', '.join(TASK_IDS)}.\n"
+        "Answer with ONE JSON object with the keys: utterance (your next message to the agent, in your own words, "
+        "in character), intent, emotion, satisfaction (1-5: how satisfied you are with the agent so far), stop "
+        "(true when your goal is met or you give up), completed_tasks (the task ids the agent's LAST message "
+        "completed; [] if none).\n"
+        f"intent is one of: {', '.join(INTENTS)}. emotion is one of: {', '.join(EMOTIONS)}.\n"
+        f"Set stop to true when your goal is met or you give up. This is turn {turn} of at most {max_turns}."
+    )
+    messages = [{"role": "system", "content": system}]
+    if not history:
+        messages.append({"role": "user", "content": "(The chat opens. Write your first message as the customer.)"})
+    for role, text in history:
+        messages.append({"role": "user" if role == "agent" else "assistant", "content": text})
+    return messages
+
+
+class UserSimulator:
+    """Simulated user over any `ChatLike` client (`ChatClient` against vLLM or another OpenAI-compatible API)."""
+
+    def __init__(
+        self,
+        client: ChatLike,
+        model: str,
+        *,
+        temperature: float = 0.7,
+        max_tokens: int = 160,
+        json_retries: int = 2,
+        structured: Literal["regex", "json", "none"] = "regex",
+        max_turns: int = 6,
+    ) -> None:
+        self.client = client
+        self.model = model
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.json_retries = json_retries
+        self.structured = structured
+        self.max_turns = max_turns
+
+    @classmethod
+    def from_config(
+        cls, sim_cfg: Any, client: ChatLike, model: str, *, structured: Literal["regex", "json", "none"] = "regex"
+    ) -> UserSimulator:
+        """From a `SimulatorConfig`."""
+        return cls(
+            client,
+            model,
+            temperature=sim_cfg.temperature,
+            max_tokens=sim_cfg.max_tokens,
+            json_retries=sim_cfg.json_retries,
+            structured=structured,
+            max_turns=sim_cfg.max_turns,
+        )
+
+    def respond(
+        self,
+        *,
+        persona: Persona,
+        instance: ScenarioInstance,
+        history: Sequence[tuple[str, str]],
+        turn: int,
+        seed: int | None = None,
+    ) -> UserResult:
+        """The user's next message. `history` = earlier (role, text) pairs, role "user" or "agent"."""
+        messages = build_messages(persona, instance, history, turn, self.max_turns)
+        structured = {"regex": user_turn_regex(), "json": user_turn_schema()}.get(self.structured)
+        structured = {self.structured: structured} if structured is not None else None
+        raws: list[str] = []
+        last_error = ""
+        stage: Literal["json", "fields"] = "json"
+        t0 = time.monotonic()
+        for attempt in range(self.json_retries + 1):
+            try:
+                res = self.client.chat(
+                    messages,
+                    model=self.model,
+                    temperature=self.temperature,
+                    max_tokens=self.max_tokens,
+                    seed=None if seed is None else seed + 7919 * attempt,
+                    structured=structured,
+                )
+            except Exception as e:  # noqa: BLE001 - the endpoint failing is a typed error turn, not a crash
+                return UserTurnError(
+                    stage="request",
+                    error=f"{type(e).__name__}: {e}",
+                    raw_outputs=tuple(raws),
+                    attempts=attempt + 1,
+                    latency_s=time.monotonic() - t0,
+                )
+            text = getattr(res, "text", res if isinstance(res, str) else "")
+            raws.append(text)
+            try:
+                utterance, meta, repairs = parse_user_output(text)
+            except JSONRepairError as e:
+                stage, last_error = "json", str(e)
+                continue
+            except (FieldError, ValueError) as e:
+                stage, last_error = "fields", str(e)
+                continue
+            return UserTurn(
+                utterance=utterance,
+                meta=meta,
+                raw=text,
+                attempts=attempt + 1,
+                repairs=repairs,
+                latency_s=time.monotonic() - t0,
+            )
+        return UserTurnError(
+            stage=stage,
+            error=f"no valid turn after {len(raws)} attempt(s): {last_error}",
+            raw_outputs=tuple(raws),
+            attempts=len(raws),
+            latency_s=time.monotonic() - t0,
+        )
