@@ -375,7 +375,15 @@ def serve_forever(cfg: GopoConfig) -> None:
 
     old = signal.signal(signal.SIGTERM, _on_signal)
     try:
-        for w in which:
+        for w in list(which):
+            scfg = cfg.serving.policy if w == "policy" else cfg.serving.simulator_server
+            if scfg.url:
+                # serving.*.url names a server started elsewhere: `serve` joins it and starts nothing.
+                print(
+                    f"[serve] {w}: joining {scfg.url} (serving.{'policy' if w == 'policy' else 'simulator_server'}.url)"
+                )
+                which.remove(w)
+                continue
             srv = server_from_config(cfg, w)
             print(f"[serve] starting {w} server ({srv.resolved_device}) for {srv.model_path} ...", flush=True)
             servers.append(srv)
@@ -386,6 +394,9 @@ def serve_forever(cfg: GopoConfig) -> None:
             )
         if cfg.serving.simulator == "external":
             print(f"[serve] simulator/judge: external {cfg.serving.external_url} ({cfg.serving.external_model})")
+        if not servers:
+            print("[serve] nothing to start: every server of the config is joined by URL or external", flush=True)
+            return
         print("[serve] Ctrl-C to stop", flush=True)
         while not stop.is_set():
             for w, srv in zip(which, servers, strict=True):

@@ -1,0 +1,304 @@
+"""LLM judge of CS replies: rubric dimensions (gopo eq 8), GRE dimensions (gopo §4.1.2) and InteractCS principles.
+
+Any OpenAI-compatible model works. The judge is asked for JSON:
+`{"scores": {dim: 1..10, ...}, "principles": {name: 0 | 0.5 | 1, ...}}`; on vLLM the answer is constrained by a
+JSON schema (`structured_outputs.json`, whitespace disabled: xgrammar otherwise lets a model pad with long runs of
+whitespace, DESIGN §5). A malformed answer is repaired (code fences stripped, the first {...} extracted, numbers on
+other scales mapped to [0, 1], principles snapped to {0, 0.5, 1}); if a dimension is still missing the judge is
+asked again, up to `JudgeConfig.retries` times, and then the verdict is an explicit failure. Scores are never
+invented, and every raw answer is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from gopo_online.config import JudgeConfig
+from gopo_online.types import JudgeScores, Skill
+
+from .agents import ChatBackend, format_context
+
+SCORE_MIN, SCORE_MAX = 1, 10
+"""The judge scores rubric dimensions on 1..10; stored normalised as (x - 1) / 9."""
+
+JUDGE_SYSTEM = (
+    "You are a strict, fair judge of customer-service replies. Read the conversation, the skills the agent had to "
+    "follow and the agent's reply, then grade the reply. Answer with one JSON object and nothing else."
+)
+
+DIMENSION_HELP = {
+    "quality": "helpful, correct and relevant to the customer's request",
+    "skill_compliance": "follows every required skill and avoids forbidden content",
+    "empathy": "acknowledges the customer's feelings, warm tone",
+    "diversity": "natural, non-repetitive wording",
+    "politeness": "courteous and respectful",
+    "product_appropriateness": "products or solutions offered fit the need",
+    "action_guidance": "tells the customer clearly what happens next",
+    "logic": "the reply is consistent with the conversation and the business context",
+    "compliance": "respects the shop's policy limits",
+}
+
+
+class JudgeParseError(ValueError):
+    """A judge answer that could not be repaired into a full verdict."""
+
+
+def _strip_fences(text: str) -> str:
+    text = text.strip()
+    m = re.search(r"```(?:json|JSON)?\s*(.*?)```", text, re.DOTALL)
+    return m.group(1).strip() if m else text
+
+
+def _first_object(text: str) -> str | None:
+    """The first balanced {...} in text (string-aware), or None."""
+    start = text.find("{")
+    while start != -1:
+        depth, in_str, esc = 0, False, False
+        for i in range(start, len(text)):
+            ch = text[i]
+            if in_str:
+                if esc:
+                    esc = False
+                elif ch == "\\":
+                    esc = True
+                elif ch == '"':
+                    in_str = False
+            elif ch == '"':
+                in_str = True
+            elif ch == "{":
+                depth += 1
+            elif ch == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[start : i + 1]
+        start = text.find("{", start + 1)
+    return None
+
+
+def _loads_lenient(obj: str) -> Any:
+    try:
+        return json.loads(obj)
+    except json.JSONDecodeError:
+        pass
+    # Common small-model slips: single quotes, trailing commas, unquoted keys.
+    fixed = re.sub(r",\s*([}\]])", r"\1", obj)
+    fixed = re.sub(r"'([^'\"]*)'", r'"\1"', fixed)
+    fixed = re.sub(r"([{,]\s*)([A-Za-z_][A-Za-z0-9_]*)\s*:", r'\1"\2":', fixed)
+    return json.loads(fixed)
+
+
+def _number(value: Any) -> float | None:
+    """A float from 7, 7.5, "7", "7/10", "80%"; None when it is not a number."""
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, int | float):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, str):
+        s = value.strip().lower()
+        words = {"yes": 1.0, "true": 1.0, "partial": 0.5, "partly": 0.5, "no": 0.0, "false": 0.0}
+        if s in words:
+            return words[s]
+        m = re.fullmatch(r"(-?\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)", s)
+        if m and float(m.group(2)) > 0:
+            return float(m.group(1)) / float(m.group(2)) * SCORE_MAX  # "7/10" -> 7 on the 1..10 scale
+        m = re.fullmatch(r"(-?\d+(?:\.\d+)?)\s*%", s)
+        if m:
+            return float(m.group(1)) / 100 * SCORE_MAX
+        m = re.fullmatch(r"-?\d+(?:\.\d+)?", s)
+        if m:
+            return float(s)
+    if isinstance(value, Mapping):  # {"score": 7, "reason": "..."}
+        for key in ("score", "value", "rating"):
+            if key in value:
+                return _number(value[key])
+    return None
+
+
+def normalise_score(x: float) -> float:
+    """A rubric score on the asked 1..10 scale -> [0, 1]. Fractions in (0, 1) are taken as already normalised;
+    values in (10, 100] as percentages; everything is clamped into [0, 1]."""
+    if 0.0 < x < 1.0 and x != int(x):
+        return x
+    if SCORE_MAX < x <= 100.0:
+        return x / 100.0
+    return min(1.0, max(0.0, (x - SCORE_MIN) / (SCORE_MAX - SCORE_MIN)))
+
+
+def snap_principle(x: float) -> float:
+    """A principle verdict -> {0, 0.5, 1}. Values above 1 are read on the 1..10 scale first."""
+    if x > 1.0:
+        x = normalise_score(x)
+    x = min(1.0, max(0.0, x))
+    return min((0.0, 0.5, 1.0), key=lambda v: abs(v - x))
+
+
+def _find(data: Mapping[str, Any], key: str) -> Any:
+    """Case/format-insensitive key lookup ('Skill Compliance' matches 'skill_compliance')."""
+    if key in data:
+        return data[key]
+    norm = {re.sub(r"[^a-z0-9]", "", str(k).lower()): v for k, v in data.items()}
+    return norm.get(re.sub(r"[^a-z0-9]", "", key.lower()))
+
+
+def parse_judgement(text: str, dimensions: Sequence[str], principles: Sequence[str]) -> JudgeScores:
+    """Repair and parse one judge answer into a full `JudgeScores` (ok=True), or raise JudgeParseError.
+
+    Accepts the nested form `{"scores": {...}, "principles": {...}}` and a flat object holding every key.
+    """
+    obj = _first_object(_strip_fences(text))
+    if obj is None:
+        raise JudgeParseError(f"no JSON object in the judge answer: {text[:200]!r}")
+    try:
+        data = _loads_lenient(obj)
+    except json.JSONDecodeError as e:
+        raise JudgeParseError(f"judge JSON does not parse ({e}): {obj[:200]!r}") from None
+    if not isinstance(data, dict):
+        raise JudgeParseError(f"judge JSON is not an object: {obj[:200]!r}")
+    score_src = _find(data, "scores")
+    score_src = score_src if isinstance(score_src, Mapping) else data
+    principle_src = _find(data, "principles")
+    principle_src = principle_src if isinstance(principle_src, Mapping) else data
+
+    scores: dict[str, float] = {}
+    missing: list[str] = []
+    for dim in dimensions:
+        x = _number(_find(score_src, dim))
+        if x is None:
+            missing.append(dim)
+        else:
+            scores[dim] = normalise_score(x)
+    verdicts: dict[str, float] = {}
+    for name in principles:
+        x = _number(_find(principle_src, name))
+        if x is None:
+            missing.append(f"principle:{name}")
+        else:
+            verdicts[name] = snap_principle(x)
+    if missing:
+        raise JudgeParseError(f"judge answer lacks {missing}: {obj[:200]!r}")
+    return JudgeScores(scores=scores, principles=verdicts, raw=text, ok=True)
+
+
+def judge_schema(dimensions: Sequence[str], principles: Sequence[str]) -> dict[str, Any]:
+    """JSON schema of the judge answer; enums instead of min/max so every backend enforces the range."""
+
+    def obj(keys: Sequence[str], values: list[float]) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "properties": {k: {"enum": values} for k in keys},
+            "required": list(keys),
+            "additionalProperties": False,
+        }
+
+    return {
+        "type": "object",
+        "properties": {
+            "scores": obj(dimensions, list(range(SCORE_MIN, SCORE_MAX + 1))),
+            "principles": obj(principles, [0, 0.5, 1]),
+        },
+        "required": ["scores", "principles"],
+        "additionalProperties": False,
+    }
+
+
+class Judge:
+    """Scores one CS reply. `structured=True` constrains the answer with the JSON schema (vLLM backends).
+
+    `model` is the judge's model name at the client's URL.
+    """
+
+    def __init__(
+        self,
+        client: ChatBackend,
+        *,
+        model: str,
+        cfg: JudgeConfig | None = None,
+        structured: bool = True,
+    ) -> None:
+        self.client = client
+        self.model = model
+        self.cfg = cfg or JudgeConfig()
+        self.structured = structured
+
+    @property
+    def dimensions(self) -> list[str]:
+        """Rubric dimensions of gopo eq 8, then the GRE dimensions not already among them."""
+        dims = list(self.cfg.dimensions)
+        return dims + [d for d in self.cfg.gre_dimensions if d not in dims]
+
+    @property
+    def principles(self) -> list[str]:
+        return list(self.cfg.principles)
+
+    def messages(
+        self,
+        utterance: str,
+        reply: str,
+        action: str,
+        skills: Sequence[Skill] = (),
+        context: Mapping[str, Any] | None = None,
+        history: str = "",
+    ) -> list[dict[str, str]]:
+        dims = "\n".join(f"- {d}: {DIMENSION_HELP.get(d, d.replace('_', ' '))}" for d in self.dimensions)
+        prins = "\n".join(f"- {p}: {DIMENSION_HELP.get(p, p.replace('_', ' '))}" for p in self.principles)
+        skill_text = "\n".join(f"- {s.name}: {s.description}" for s in skills) or "(none)"
+        example = {
+            "scores": {d: 7 for d in self.dimensions},
+            "principles": {p: 1 for p in self.principles},
+        }
+        user = (
+            f"Conversation so far:\n{history or '(start)'}\n\nCustomer: {utterance}\n\n"
+            f"Skills the agent had to follow:\n{skill_text}\n\n"
+            f"Business context:\n{format_context(context or {})}\n\n"
+            f"Agent action: {action}\nAgent reply: {reply}\n\n"
+            f"Score each dimension from {SCORE_MIN} (very bad) to {SCORE_MAX} (excellent):\n{dims}\n\n"
+            f"Rate each principle 0 (violated), 0.5 (partly met) or 1 (met):\n{prins}\n\n"
+            f"Answer with JSON only, in exactly this form:\n{json.dumps(example)}"
+        )
+        return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+
+    def score(
+        self,
+        utterance: str,
+        reply: str,
+        action: str,
+        skills: Sequence[Skill] = (),
+        context: Mapping[str, Any] | None = None,
+        history: str = "",
+        *,
+        seed: int | None = None,
+    ) -> JudgeScores:
+        """The verdict, or JudgeScores(ok=False, error=...) after 1 + cfg.retries unparsable answers.
+
+        A client failure (server down) propagates as ClientError: it is not the judge's verdict.
+        """
+        msgs = self.messages(utterance, reply, action, skills, context, history)
+        structured = None
+        if self.structured:
+            schema = judge_schema(self.dimensions, self.principles)
+            structured = {"json": schema, "disable_any_whitespace": True}
+        raws: list[str] = []
+        errors: list[str] = []
+        for attempt in range(self.cfg.retries + 1):
+            result = self.client.chat(
+                msgs,
+                model=self.model,
+                # A greedy re-ask would repeat the same bad answer: sample on retries.
+                temperature=self.cfg.temperature if attempt == 0 else max(self.cfg.temperature, 0.7),
+                max_tokens=self.cfg.max_tokens,
+                seed=None if seed is None else seed + attempt,
+                structured=structured,
+            )
+            raws.append(result.text)
+            try:
+                verdict = parse_judgement(result.text, self.dimensions, self.principles)
+            except JudgeParseError as e:
+                errors.append(f"attempt {attempt + 1}: {e}")
+                continue
+            # Keep every raw answer (the failed ones too), in order, so a repaired verdict can be audited.
+            return verdict.model_copy(update={"raw": "\n---\n".join(raws)})
+        return JudgeScores(ok=False, error="; ".join(errors), raw="\n---\n".join(raws))

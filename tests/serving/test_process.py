@@ -1,0 +1,79 @@
+"""VLLMServer command line, environment and guards (no server started here)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from gopo_online.config import GopoConfig
+from gopo_online.serving.process import ServerError, VLLMServer, free_port, server_from_config
+
+
+def test_cpu_command_and_env():
+    s = VLLMServer(Path("/m"), port=1234, device="cpu", kv_cache_gb=2.0, served_name="pol")
+    cmd = s.command()
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert cmd[cmd.index("--port") + 1] == "1234" and cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert "--enforce-eager" in cmd and "--gpu-memory-utilization" not in cmd and "--enable-lora" not in cmd
+    env = s.environment()
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and "VLLM_SERVER_DEV_MODE" not in env
+    assert s.base_url == "http://127.0.0.1:1234/v1" and s.root_url == "http://127.0.0.1:1234"
+
+
+def test_gpu_lora_dev_flags():
+    s = VLLMServer(Path("/m"), port=1, device="gpu", enable_lora=True, max_lora_rank=8, dev_mode=True)
+    cmd = s.command()
+    assert cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.4"
+    assert cmd[cmd.index("--max-lora-rank") + 1] == "8" and "--enable-lora" in cmd
+    env = s.environment()
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True" and env["VLLM_SERVER_DEV_MODE"] == "1"
+    assert "VLLM_CPU_KVCACHE_SPACE" not in env or env.get("VLLM_CPU_KVCACHE_SPACE") != ""
+
+
+def test_admin_endpoints_refused_beyond_loopback_without_token():
+    with pytest.raises(ServerError, match="admin token"):
+        VLLMServer(Path("/m"), host="0.0.0.0", dev_mode=True)
+    s = VLLMServer(Path("/m"), host="0.0.0.0", port=5, dev_mode=True, admin_token="t0k")
+    assert s.command()[-2:] == ["--api-key", "t0k"]
+    assert s.root_url == "http://127.0.0.1:5"  # connect to loopback, not to the bind-all address
+
+
+def test_free_port_is_bindable():
+    port = free_port()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+
+
+def test_unstarted_server_is_safe():
+    s = VLLMServer(Path("/m"))
+    assert not s.running and not s.is_healthy() and s.log_tail() == ""
+    s.stop()  # idempotent, nothing to stop
+    with pytest.raises(ServerError, match="no port"):
+        _ = s.base_url
+
+
+def test_server_from_config(tmp_path, monkeypatch):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    monkeypatch.delenv("GOPO_ADMIN_TOKEN", raising=False)
+    cfg = GopoConfig.model_validate({"model": {"path": str(model)}, "run": {"output_dir": str(tmp_path)}})
+    s = server_from_config(cfg)
+    assert s.enable_lora and not s.dev_mode  # default weight transport: LoRA hot-load
+    assert s.log_path == tmp_path / "gopo" / "logs" / "vllm-policy.log"
+    cfg = GopoConfig.model_validate(
+        {
+            "model": {"path": str(model)},
+            "serving": {"weight_transport": "full", "simulator": "separate", "policy": {"port": 8123}},
+            "learner": {"finetune": "full"},
+        }
+    )
+    s = server_from_config(cfg)
+    assert s.dev_mode and not s.enable_lora and s.port == 8123
+    sim = server_from_config(cfg, "simulator")
+    assert not sim.dev_mode and not sim.enable_lora
+    cfg = GopoConfig.model_validate({"model": {"path": str(model)}})
+    with pytest.raises(ValueError, match="no separate"):
+        server_from_config(cfg, "simulator")
