@@ -1,0 +1,295 @@
+"""The trajectory stream on real brokers: Redis (127.0.0.1:6379), RabbitMQ (127.0.0.1:5672) and the embedded Redis.
+
+Every test uses queue/exchange names with a uuid suffix and deletes them, so tests never touch other users' data
+on the shared brokers. The redelivery test with a 1 s visibility timeout runs only on brokers this test owns
+(embedded Redis) or where it does not apply (RabbitMQ): on a shared Redis, kombu's unacked sweep is per database,
+so a 1 s timeout could hand other users' in-flight messages back to their queues.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from kombu import Producer
+
+from gopo_online.broker import EmbeddedRedis
+from gopo_online.config import BrokerConfig
+from gopo_online.stream import (
+    TrajectoryConsumer,
+    TrajectoryPublisher,
+    WeightsAnnouncer,
+    WeightsListener,
+    bench_stream,
+    connect,
+    delete_topology,
+    get_dead_letters,
+    queue_depth,
+)
+from gopo_online.types import Trajectory, Turn, UserTurnMeta
+
+pytestmark = pytest.mark.integration
+
+REDIS_URL = os.environ.get("GOPO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+AMQP_URL = os.environ.get("GOPO_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _reachable(url: str) -> bool:
+    hostport = url.split("@")[-1].split("://")[-1].split("/")[0]
+    host, port = hostport.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory):
+    with EmbeddedRedis(tmp_path_factory.mktemp("embedded-redis")) as server:
+        yield server
+
+
+@pytest.fixture(params=["redis", "amqp", "embedded"])
+def url(request: pytest.FixtureRequest) -> str:
+    if request.param == "embedded":
+        return request.getfixturevalue("embedded").url
+    u = REDIS_URL if request.param == "redis" else AMQP_URL
+    if not _reachable(u):
+        pytest.skip(f"{request.param} broker not reachable at {u.split('@')[-1]}")
+    return u
+
+
+def unique_cfg(**kw: object) -> BrokerConfig:
+    tag = uuid.uuid4().hex[:10]
+    return BrokerConfig(
+        trajectory_queue=f"test.traj.{tag}",
+        dead_letter_queue=f"test.dlq.{tag}",
+        weights_exchange=f"test.weights.{tag}",
+        task_queue=f"test.tasks.{tag}",
+        connect_timeout_s=5.0,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def bcfg(url: str):
+    cfg = unique_cfg()
+    yield cfg
+    delete_topology(url, cfg)
+
+
+def traj(eid: str, *, version: int | None = None) -> Trajectory:
+    from gopo_online.types import Generation
+
+    gen = None
+    if version is not None:
+        gen = Generation(prompt_token_ids=(1,), completion_token_ids=(2, 3), logprobs=(-0.5, -0.1), text="hi",
+                         model="policy", policy_version=version, temperature=1.0, latency_s=0.01)  # fmt: skip
+    turn = Turn(
+        index=1,
+        user_utterance="where is my order?",
+        user_meta=UserTurnMeta(intent="ask_status", emotion="neutral", satisfaction=3, stop=False),
+        expert_skills=("empathize", "inform_status"),
+        cs_reply="Sorry for the wait, it ships today.",
+        cs_action="chat",
+        cs_gen=gen,
+    )
+    return Trajectory(episode_id=eid, scenario_id="ecommerce", persona_id="p1", turns=(turn,), seed=3)
+
+
+def test_round_trip_and_headers(url: str, bcfg: BrokerConfig) -> None:
+    sent = [traj(f"ep-{i}", version=i) for i in range(3)]
+    with TrajectoryPublisher(url, bcfg) as pub:
+        for t in sent:
+            pub.publish(t)
+    assert queue_depth(url, bcfg) == {"trajectory": 3, "dead_letter": 0, "task": 0}
+
+    # The headers, read raw, before the consumer takes the rest.
+    with connect(url, bcfg) as conn:
+        from gopo_online.stream import Topology
+
+        q = Topology(bcfg).trajectory_queue.bind(conn.default_channel)
+        raw = q.get(no_ack=False)
+        assert raw is not None
+        assert raw.content_type == "application/json"
+        assert raw.headers["episode_id"] == "ep-0"
+        assert raw.headers["schema_version"] == 1
+        assert raw.headers["min_policy_version"] == 0
+        assert Trajectory.from_json(raw.body) == sent[0]
+        raw.requeue()
+
+    with TrajectoryConsumer(url, bcfg) as consumer:
+        got = consumer.get_batch(3, timeout_s=5.0)
+    assert sorted(got, key=lambda t: t.episode_id) == sent
+    assert consumer.counts["consumed"] == 3
+    assert queue_depth(url, bcfg)["trajectory"] == 0
+
+
+def test_get_batch_waits_then_returns_partial(url: str, bcfg: BrokerConfig) -> None:
+    with TrajectoryConsumer(url, bcfg) as consumer:
+        t0 = time.monotonic()
+        assert consumer.get_batch(5, timeout_s=0.3) == []
+        assert 0.25 < time.monotonic() - t0 < 2.0
+        with TrajectoryPublisher(url, bcfg) as pub:
+            pub.publish(traj("only"))
+        assert [t.episode_id for t in consumer.get_batch(5, timeout_s=0.3)] == ["only"]
+
+
+def test_foreign_messages_go_to_dead_letter_queue_with_reason(url: str, bcfg: BrokerConfig) -> None:
+    from gopo_online.stream import Topology
+
+    topo = Topology(bcfg)
+    pickle_bytes = b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00}\x94."
+    bad = [
+        (pickle_bytes, "application/x-python-serialize", "binary", "foreign content type"),
+        (b'{"episode_id": "x", ', "application/json", "utf-8", "invalid JSON"),
+        (json.dumps({"episode_id": "x", "hello": 1}).encode(), "application/json", "utf-8", "not a valid Trajectory"),
+    ]
+    with connect(url, bcfg) as conn:
+        topo.declare(conn.default_channel)
+        producer = Producer(conn.default_channel)
+        for body, ctype, enc, _ in bad:
+            producer.publish(body, exchange=topo.trajectory_exchange, routing_key=bcfg.trajectory_queue,
+                             content_type=ctype, content_encoding=enc, headers={"origin": "test"})  # fmt: skip
+    with TrajectoryPublisher(url, bcfg) as pub:
+        pub.publish(traj("good"))
+
+    with TrajectoryConsumer(url, bcfg) as consumer:
+        got = consumer.get_batch(10, timeout_s=0.3)
+    assert [t.episode_id for t in got] == ["good"]
+    assert consumer.counts == {"consumed": 1, "dead_lettered": 3, "duplicates": 0,
+                               "restored_sweeps": consumer.counts["restored_sweeps"]}  # fmt: skip
+    depth = queue_depth(url, bcfg)
+    assert depth["trajectory"] == 0 and depth["dead_letter"] == 3
+
+    letters = get_dead_letters(url, bcfg)
+    assert len(letters) == 3
+    for (body, ctype, _, reason), letter in zip(bad, letters, strict=True):
+        assert reason in letter["reason"]
+        assert letter["content_type"] == ctype
+        assert base64.b64decode(letter["body_b64"]) == body  # the original bytes, exactly
+        assert letter["source_queue"] == bcfg.trajectory_queue
+        assert letter["headers"]["origin"] == "test"
+    assert queue_depth(url, bcfg)["dead_letter"] == 0
+
+
+def test_duplicates_are_counted_and_dropped(url: str, bcfg: BrokerConfig) -> None:
+    with TrajectoryPublisher(url, bcfg) as pub:
+        for eid in ("a", "b", "a", "c", "b"):
+            pub.publish(traj(eid))
+    with TrajectoryConsumer(url, bcfg, dedupe_size=10) as consumer:
+        got = consumer.get_batch(10, timeout_s=0.3)
+        assert [t.episode_id for t in got] == ["a", "b", "c"]
+        assert consumer.counts["duplicates"] == 2
+        assert consumer.recent_ids() == ["a", "b", "c"]
+    # A restarted consumer that restores its remembered ids (learner checkpoint) still drops them.
+    with TrajectoryPublisher(url, bcfg) as pub:
+        pub.publish(traj("a"))
+    with TrajectoryConsumer(url, bcfg) as consumer:
+        consumer.remember(["a", "b", "c"])
+        assert consumer.get_batch(10, timeout_s=0.3) == []
+        assert consumer.counts["duplicates"] == 1
+    assert queue_depth(url, bcfg)["trajectory"] == 0
+
+
+def test_manual_ack_and_requeue(url: str, bcfg: BrokerConfig) -> None:
+    with TrajectoryPublisher(url, bcfg) as pub:
+        pub.publish(traj("m1"))
+        pub.publish(traj("m2"))
+    with TrajectoryConsumer(url, bcfg, auto_ack=False) as consumer:
+        got = consumer.get_batch(2, timeout_s=5.0)
+        assert sorted(consumer.pending) == ["m1", "m2"] == sorted(t.episode_id for t in got)
+        assert consumer.requeue(["m2"]) == 1  # e.g. the learner step failed for it
+        assert consumer.ack(["m1"]) == 1
+        again = consumer.get_batch(1, timeout_s=5.0)
+        assert [t.episode_id for t in again] == ["m2"]
+        assert consumer.ack() == 1
+    assert queue_depth(url, bcfg)["trajectory"] == 0
+
+
+def test_weights_fanout_reaches_every_listener(url: str, bcfg: BrokerConfig) -> None:
+    seen: list[int] = []
+    with (
+        WeightsListener(url, bcfg, role="worker", on_update=lambda e: seen.append(e.version)) as a,
+        WeightsListener(url, bcfg, role="controller") as b,
+    ):
+        assert a.poll() is None
+        with WeightsAnnouncer(url, bcfg) as announcer:
+            announcer.announce(1, "full", "/weights/v1", {"expert": "policy", "cs": "policy"})
+            announcer.announce(2, "lora", "/weights/v2", {"expert": "expert-v2", "cs": "cs-v2"})
+        for listener in (a, b):
+            event = listener.wait_for(2, timeout_s=5.0)
+            assert event is not None and event.version == 2
+            assert event.transport == "lora" and event.served_models["cs"] == "cs-v2"
+        assert a.poll().version == 2  # type: ignore[union-attr]
+        assert a.poll() is None  # nothing newer since the last poll
+        assert b.poll().path == "/weights/v2"  # type: ignore[union-attr]
+        assert seen == [1, 2]
+        assert a.counts["received"] == b.counts["received"] == 2
+
+
+def test_consumer_killed_mid_stream_messages_are_redelivered(request: pytest.FixtureRequest) -> None:
+    for kind in ("embedded", "amqp"):
+        if kind == "amqp" and not _reachable(AMQP_URL):
+            continue
+        url = request.getfixturevalue("embedded").url if kind == "embedded" else AMQP_URL
+        cfg = unique_cfg(visibility_timeout_s=1.0)
+        try:
+            _killed_consumer_round(url, cfg)
+        finally:
+            delete_topology(url, cfg)
+
+
+def _killed_consumer_round(url: str, cfg: BrokerConfig) -> None:
+    with TrajectoryPublisher(url, cfg) as pub:
+        for i in range(6):
+            pub.publish(traj(f"k{i}"))
+    # A consumer that takes 4 messages without acking them, then dies hard (no clean close, no requeue).
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from gopo_online.config import BrokerConfig
+        from gopo_online.stream import TrajectoryConsumer
+        cfg = BrokerConfig.model_validate_json({cfg.model_dump_json()!r})
+        c = TrajectoryConsumer({url!r}, cfg, auto_ack=False)
+        got = c.get_batch(4, timeout_s=5.0)
+        print(len(got), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == -9, proc.stderr
+    assert proc.stdout.strip() == "4"
+    if url.startswith("redis"):
+        # Redis keeps the 4 taken messages hidden until the visibility timeout; RabbitMQ requeues them at once.
+        assert queue_depth(url, cfg)["trajectory"] == 2
+
+    deadline = time.monotonic() + 15.0
+    ids: set[str] = set()
+    with TrajectoryConsumer(url, cfg) as consumer:
+        while len(ids) < 6 and time.monotonic() < deadline:
+            ids |= {t.episode_id for t in consumer.get_batch(6, timeout_s=0.5)}
+    assert ids == {f"k{i}" for i in range(6)}
+
+
+def test_queue_depth_of_missing_queues_is_zero(url: str) -> None:
+    cfg = unique_cfg()
+    assert queue_depth(url, cfg) == {"trajectory": 0, "dead_letter": 0, "task": 0}
+
+
+def test_bench_stream_small(url: str) -> None:
+    result = bench_stream(url, n=50, size_bytes=5_000)
+    assert result["consumed"] == 50
+    assert result["publish_per_s"] > 0 and result["consume_per_s"] > 0

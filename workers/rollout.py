@@ -1,0 +1,169 @@
+"""The plain function behind the `run_episode` task: request in, `Trajectory` out. No Celery here.
+
+`rollout(request, ctx)` looks up the persona, samples the scenario instance from (family, seed), builds (once per
+worker process, cached in `ctx.state`) the user simulator, the Expert and CS agents and the judge, and calls
+`simulator.episode.play_episode`. Everything it talks to is injected through `WorkerContext.deps_factory`, so a
+test passes fakes (or a whole stub `rollout_fn`) and production passes the served agents.
+
+Errors: `play_episode` turns failures inside the dialogue into an error Trajectory itself. What raises out of
+here is a failure to set up (unknown persona, a dependency that cannot be built, a server that cannot be reached):
+transient ones (connection errors, timeouts) are retried by the task, the rest become an error record at once.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from gopo_online.stream import EpisodeRequest
+from gopo_online.types import Trajectory
+
+if TYPE_CHECKING:
+    from gopo_online.config import GopoConfig
+    from gopo_online.stream import TrajectoryPublisher
+
+
+class TransientError(RuntimeError):
+    """Raise (or wrap) to make the task retry with backoff: the same request may succeed later."""
+
+
+_TRANSIENT_NAMES = frozenset(
+    {
+        # openai / httpx names, matched by name so workers/ need not import them to classify.
+        "APIConnectionError",
+        "APITimeoutError",
+        "InternalServerError",
+        "RateLimitError",
+        "ConnectError",
+        "ConnectTimeout",
+        "ReadTimeout",
+        "WriteTimeout",
+        "PoolTimeout",
+        "RemoteProtocolError",
+        # kombu / redis
+        "OperationalError",
+        "ConnectionError",
+        "TimeoutError",
+        "TransientError",
+    }
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors a retry can cure: lost connections, timeouts, overloaded servers (5xx, 429)."""
+    if isinstance(exc, ConnectionError | TimeoutError | TransientError):  # socket.timeout is TimeoutError
+        return True
+    if getattr(exc, "transient", False):
+        return True
+    return any(cls.__name__ in _TRANSIENT_NAMES for cls in type(exc).__mro__)
+
+
+@dataclass
+class EpisodeDeps:
+    """What one episode talks to (simulator.episode Protocols: UserSim, Expert | None, CS, Judge | None)."""
+
+    user_sim: Any
+    expert: Any
+    cs: Any
+    judge: Any
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for play_episode (e.g. teacher, tse_source)."""
+
+
+def default_deps(ctx: WorkerContext) -> EpisodeDeps:
+    """Build the served agents from the config.
+
+    TODO(lead): wire the Expert/CS agents and the judge from gopo_online.serving once they land (policy server
+    URL from the controller, simulator/judge endpoint per `serving.simulator`). Until then a worker needs an
+    injected `deps_factory` (or `rollout_fn`); this raises so the task records a clear error instead of guessing.
+    """
+    raise NotImplementedError(
+        "workers.rollout.default_deps: served Expert/CS/judge are not wired yet; "
+        "pass WorkerContext(deps_factory=...) or rollout_fn=..."
+    )
+
+
+def _rollout_type() -> Callable[[EpisodeRequest, WorkerContext], Trajectory]:
+    return rollout
+
+
+@dataclass
+class WorkerContext:
+    """Per-worker-process state shared by every task the process runs (threads pool: guard with `lock`)."""
+
+    cfg: GopoConfig
+    broker_url: str
+    rollout_fn: Callable[[EpisodeRequest, WorkerContext], Trajectory] = field(default_factory=_rollout_type)
+    """The plain function the task calls; tests inject a stub."""
+    deps_factory: Callable[[WorkerContext], EpisodeDeps] = default_deps
+    """Builds the episode's dependencies once per process (cached in `state["deps"]`)."""
+    retry_backoff_s: float = 2.0
+    """Base of the exponential retry countdown: base * 2**retries seconds (capped at 60 s)."""
+    worker_name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    state: dict[str, Any] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    publisher: TrajectoryPublisher | None = None
+
+    def get_publisher(self) -> TrajectoryPublisher:
+        from gopo_online.stream import TrajectoryPublisher
+
+        with self.lock:
+            if self.publisher is None:
+                self.publisher = TrajectoryPublisher(self.broker_url, self.cfg)
+            return self.publisher
+
+    def get_deps(self) -> EpisodeDeps:
+        with self.lock:
+            if "deps" not in self.state:
+                self.state["deps"] = self.deps_factory(self)
+            return self.state["deps"]
+
+    def close(self) -> None:
+        with self.lock:
+            if self.publisher is not None:
+                self.publisher.close()
+                self.publisher = None
+
+
+def _persona(ctx: WorkerContext, persona_id: str) -> Any:
+    from simulator.personas import load_personas
+
+    with ctx.lock:
+        bank = ctx.state.get("personas")
+        if bank is None:
+            bank = {p.id: p for p in load_personas(ctx.cfg.simulator.persona_file, split="all")}
+            ctx.state["personas"] = bank
+    try:
+        return bank[persona_id]
+    except KeyError:
+        raise ValueError(f"unknown persona_id {persona_id!r} (bank has {len(bank)} personas)") from None
+
+
+def rollout(request: EpisodeRequest, ctx: WorkerContext) -> Trajectory:
+    """Play one episode for `request` and return its Trajectory (status "error" for failures inside the dialogue)."""
+    from simulator.episode import play_episode
+    from simulator.scenarios import sample_instance
+
+    persona = _persona(ctx, request.persona_id)
+    instance = sample_instance(
+        request.scenario_id, seed=request.seed or 0, demand=persona.extrinsic_demand, case_type=request.case_type
+    )
+    deps = ctx.get_deps()
+    return play_episode(
+        episode_id=request.episode_id,
+        scenario_instance=instance,
+        persona=persona,
+        user_sim=deps.user_sim,
+        expert=deps.expert,
+        cs=deps.cs,
+        judge=deps.judge,
+        cfg=ctx.cfg,
+        seed=request.seed or 0,
+        worker=ctx.worker_name,
+        max_turns=request.max_turns,
+        **deps.extra,
+    )
