@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_trajectory
+
+from gopo_online.types import Trajectory
+from trainer.collate import collate, drop_errors, split_fresh
+
+
+def test_split_fresh_counts_stale(fake_tok):
+    trajs = [make_trajectory(fake_tok, i, 2, version=v) for i, v in enumerate([0, 1, 2, 3, 5])]
+    fresh, dropped = split_fresh(trajs, current_version=5, max_staleness=2)
+    # ages 5, 4, 3, 2, 0 -> ages > 2 dropped: three of them
+    assert [t.min_policy_version for t in fresh] == [3, 5]
+    assert dropped == 3
+    fresh, dropped = split_fresh(trajs, current_version=5, max_staleness=0)
+    assert dropped == 4
+
+
+def test_error_trajectories_are_skipped_and_counted(fake_tok):
+    good = make_trajectory(fake_tok, 0, 2)
+    bad = Trajectory(episode_id="e", scenario_id="s", persona_id="p", status="error", error="simulator timeout")
+    ok, n_err = drop_errors([good, bad])
+    assert ok == [good] and n_err == 1
+    res = collate([good, bad], micro_batch_turns=8)
+    assert res.error_trajectories == 1
+    assert res.n_rows == {"expert": 2, "cs": 2}
+
+
+def test_collate_left_pads_and_aligns_completion(fake_tok):
+    trajs = [make_trajectory(fake_tok, i, 3) for i in range(2)]
+    res = collate(trajs, micro_batch_turns=4, pad_id=0)
+    assert [mb.size for mb in res.batches["expert"]] == [4, 2]
+    by_key = {(i, t.index): t for i, tr in enumerate(trajs) for t in tr.turns}
+    for mb in res.batches["cs"] + res.batches["expert"]:
+        B, L = mb.input_ids.shape
+        K = mb.n_completion
+        assert mb.targets.shape == mb.completion_mask.shape == mb.old_logprobs.shape == (B, K)
+        for b, key in enumerate(mb.keys):
+            gen = by_key[key].cs_gen if mb.agent == "cs" else by_key[key].expert_gen
+            n = len(gen.prompt_token_ids) + len(gen.completion_token_ids)
+            # row = pads, prompt, completion; completion is the last c tokens, targets carry it
+            assert mb.input_ids[b, L - n :].tolist() == list(gen.prompt_token_ids) + list(gen.completion_token_ids)
+            assert mb.attention_mask[b].sum().item() == n
+            assert mb.position_ids[b, L - n :].tolist() == list(range(n))
+            assert mb.targets[b][mb.completion_mask[b].bool()].tolist() == list(gen.completion_token_ids)
+            assert mb.old_logprobs[b][mb.completion_mask[b].bool()].tolist() == pytest.approx(list(gen.logprobs))
+            # the state s_t is the last prompt token, right before the completion
+            assert mb.input_ids[b, mb.state_index[b]].item() == gen.prompt_token_ids[-1]
+        # sorted by length: rows never get shorter along the batch list
+    lens = [mb.attention_mask.sum(1) for mb in res.batches["cs"]]
+    flat = torch.cat(lens).tolist()
+    assert flat == sorted(flat)
+
+
+def test_collate_advantages_and_side_channels(fake_tok):
+    trajs = [make_trajectory(fake_tok, 0, 2)]
+    adv = {"expert": {(0, 1): 1.5, (0, 2): -0.5}, "cs": {(0, 1): 0.25, (0, 2): 0.75}}
+    res = collate(trajs, micro_batch_turns=8, advantages=adv)
+    mb = res.batches["cs"][0]
+    assert dict(zip(mb.keys, mb.advantages.tolist(), strict=True)) == {(0, 1): 0.25, (0, 2): 0.75}
+    t = {tt.index: tt for tt in trajs[0].turns}
+    assert dict(zip(mb.keys, mb.costs.tolist(), strict=True)) == {k[0:2]: t[k[1]].cost for k in mb.keys}
+    assert mb.has_distance.tolist() == [1.0, 1.0]
+    with pytest.raises(KeyError):
+        collate(trajs, micro_batch_turns=8, advantages={"expert": {}, "cs": {}})
+
+
+def test_turn_without_rewards_is_skipped(fake_tok):
+    tr = make_trajectory(fake_tok, 0, 2)
+    turns = (tr.turns[0].model_copy(update={"rewards": None}), tr.turns[1])
+    tr = tr.model_copy(update={"turns": turns})
+    res = collate([tr], micro_batch_turns=8)
+    assert res.n_rows == {"expert": 1, "cs": 1}
+    assert res.skipped_turns == {"expert": 1, "cs": 1}

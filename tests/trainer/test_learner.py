@@ -1,0 +1,120 @@
+"""Two real DeepSpeed steps on the real default model with synthetic trajectories (slow, ~1-2 min on 2 cores)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import make_trajectory
+
+pytestmark = pytest.mark.slow
+torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from gopo_online.models import default_model_dir, is_prepared
+
+    if not is_prepared(default_model_dir()):
+        pytest.skip("default model not prepared (gopo-online model prepare)")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir())
+
+
+def _cfg(tmp_path, *extra):
+    from gopo_online.config import load_config
+
+    return load_config(
+        overrides=[
+            f"run.output_dir='{tmp_path}'",
+            "learner.finetune='lora'",
+            "learner.micro_batch_turns=4",
+            "learner.checkpoint_every=100",
+            "learner.lr=1e-3",  # large enough that bf16 adapters visibly move in one step
+            *extra,
+        ]
+    )
+
+
+def _batch(tok, version, seed):
+    return [make_trajectory(tok, i, 2, version=version, seed=seed) for i in range(2)]
+
+
+def _lora(learner):
+    return {n: p.detach().float().clone() for n, p in learner.engines["lora"].module.named_parameters() if "lora_" in n}
+
+
+def _opt_state(learner):
+    opt = learner.engines["lora"].optimizer
+    inner = getattr(opt, "optimizer", opt)
+    return {k: v.clone() for s in inner.state.values() for k, v in s.items() if torch.is_tensor(v) and v.numel() > 1}
+
+
+def test_lora_zero0_two_steps_checkpoint_and_resume(tok, tmp_path):
+    from trainer.learner import Learner
+
+    pushed = []
+    cfg = _cfg(tmp_path, "run.resume=false", "learner.zero_stage=0")
+    learner = Learner(cfg, publish=lambda v, e: pushed.append((v, e)))
+    learner.setup()
+    try:
+        assert pushed[0][0] == 0 and (pushed[0][1]["expert"] / "adapter_model.safetensors").is_file()
+        before = _lora(learner)
+        m1 = learner.step(_batch(tok, 0, seed=1))
+        assert all(torch.isfinite(torch.tensor(v)) for v in m1.values())
+        assert m1["learner/rows_expert"] == 4 and m1["learner/rows_cs"] == 4
+        after = _lora(learner)
+        changed = {n for n in before if not torch.equal(before[n], after[n])}
+        assert any(".expert." in n for n in changed) and any(".cs." in n for n in changed)
+        assert learner.version == 1 and pushed[-1][0] == 1  # push_every = 1
+        ckpt = learner.save_checkpoint()
+        assert (ckpt / "learner_state.json").is_file() and (ckpt.parent / "latest").read_text() == ckpt.name
+        batch2 = _batch(tok, 1, seed=2)
+        m2 = learner.step(batch2)
+        w2 = _lora(learner)
+    finally:
+        learner.cleanup()
+
+    # resume from the checkpoint (taken after step 1) and redo step 2: same losses, same weights
+    cfg2 = _cfg(tmp_path, "run.resume=true", "learner.zero_stage=0")
+    resumed = Learner(cfg2)
+    resumed.setup()
+    try:
+        assert resumed.global_step == 1 and resumed.version == 1
+        assert json.loads((ckpt / "learner_state.json").read_text())["global_step"] == 1
+        for n, p in _lora(resumed).items():
+            assert torch.equal(p, after[n]), n
+        assert _opt_state(resumed)  # Adam moments came back
+        m2r = resumed.step(batch2)
+        for k in ("loss/expert", "loss/cs", "loss/kl"):
+            assert m2r[k] == pytest.approx(m2[k], rel=1e-3, abs=1e-5), k
+        for n, p in _lora(resumed).items():
+            assert torch.allclose(p, w2[n], atol=1e-3), n
+        assert resumed.global_step == 2 and resumed.version == 2
+    finally:
+        resumed.cleanup()
+
+
+def test_lora_zero2_gae_step_and_stale_drop(tok, tmp_path):
+    from trainer.learner import Learner
+
+    cfg = _cfg(
+        tmp_path, "run.resume=false", "learner.zero_stage=2", "learner.advantage='gae'", "learner.max_staleness=0"
+    )
+    learner = Learner(cfg)
+    learner.setup()
+    try:
+        before = _lora(learner)
+        m = learner.step(_batch(tok, 0, seed=3))
+        assert "loss/critic" in m and all(torch.isfinite(torch.tensor(v)) for v in m.values())
+        assert any(not torch.equal(before[n], p) for n, p in _lora(learner).items())
+        # now at version 1 with max_staleness 0: a version-0 episode is dropped and counted
+        m = learner.step(_batch(tok, 0, seed=4)[:1] + _batch(tok, 1, seed=4)[1:])
+        assert m["learner/dropped_stale"] == 1 and m["learner/episodes"] == 1
+        assert torch.isfinite(torch.tensor(m["loss/expert"]))
+    finally:
+        learner.cleanup()
