@@ -428,10 +428,16 @@ def generate_bank_personas(n: int = 240, seed: int = 0, heldout_fraction: float 
     rng = random.Random(seed)
     cells = [(d, c) for d in EXTRINSIC_DEMANDS for c in range(1, 6)]
     per_cell = [n // len(cells) + (1 if i < n % len(cells) else 0) for i in range(len(cells))]
+    # held-out quota: round(n * fraction) in total, spread as evenly as the cells allow (the remainder goes to
+    # seeded-random cells), so small banks get a held-out split too
+    total_held = round(n * heldout_fraction)
+    held_per_cell = [total_held // len(cells)] * len(cells)
+    for i in rng.sample(range(len(cells)), total_held % len(cells)):
+        held_per_cell[i] += 1
     personas: list[Persona] = []
     k = 0
-    for (demand, coop), count in zip(cells, per_cell, strict=True):
-        n_held = round(count * heldout_fraction)
+    for (demand, coop), count, n_held in zip(cells, per_cell, held_per_cell, strict=True):
+        n_held = min(n_held, count)
         held = set(rng.sample(range(count), n_held))
         for j in range(count):
             traits = {}

@@ -34,6 +34,7 @@ from simulator.personas import Persona
 from simulator.scenarios import TASK_IDS, ScenarioInstance
 from simulator.state import EMOTIONS, INTENTS
 
+OPENING_GREETING = "Hello, this is customer support. How can I help you today?"
 REQUIRED_FIELDS = ("utterance", "intent", "emotion", "satisfaction", "stop")
 
 
@@ -61,7 +62,7 @@ def _ordered_task_lists() -> list[str]:
     return ["\\[\\]"] + ["\\[" + ", ".join(f'"{t}"' for t in c) + "\\]" for c in subsets]
 
 
-def user_turn_regex(max_utterance_chars: int = 280) -> str:
+def user_turn_regex(max_utterance_chars: int = 240) -> str:
     """The same turn as one regex (vLLM `structured_outputs.regex`): no free whitespace (xgrammar JSON lets a small
     model emit whitespace runs until max_tokens, recorded in the fixtures), a bounded utterance, closed intent/emotion
     sets and completed_tasks as distinct task ids in sequence order."""
@@ -219,7 +220,8 @@ def build_messages(
     )
     messages = [{"role": "system", "content": system}]
     if not history:
-        messages.append({"role": "user", "content": "(The chat opens. Write your first message as the customer.)"})
+        # the support desk greets first, as real chats do; an instruction here was copied verbatim by SmolLM2
+        messages.append({"role": "user", "content": OPENING_GREETING})
     for role, text in history:
         messages.append({"role": "user" if role == "agent" else "assistant", "content": text})
     return messages

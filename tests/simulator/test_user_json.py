@@ -55,6 +55,11 @@ def test_recorded_fixture_outcomes():
             ok = True
         except (JSONRepairError, FieldError):
             ok = False
+        # a regex-constrained output can still run out of max_tokens inside a degenerate utterance ("I'm sorry, "
+        # x 40, recorded): that one is an error (retried by the simulator), everything else must parse
+        if o["mode"] == "regex" and o["finish_reason"] == "length":
+            assert not ok
+            continue
         by_mode.setdefault(o["mode"], []).append(ok)
     assert not any(by_mode["none"])  # SmolLM2 never writes the JSON unprompted by a grammar
     assert sum(by_mode["json_schema"]) >= 6  # most schema-constrained outputs repair fine
@@ -109,8 +114,10 @@ def test_missing_metadata_is_never_invented():
 
 
 def test_regex_admits_a_valid_turn_and_schema_lists_fields():
-    good = ('{"utterance": "Where is my order?", "intent": "inquire_status", "emotion": "anxious", '
-            '"satisfaction": 2, "stop": false, "completed_tasks": ["requirement_matching", "proactive_guidance"]}')
+    good = (
+        '{"utterance": "Where is my order?", "intent": "inquire_status", "emotion": "anxious", '
+        '"satisfaction": 2, "stop": false, "completed_tasks": ["requirement_matching", "proactive_guidance"]}'
+    )
     assert re.fullmatch(user_turn_regex(), good)
     assert not re.fullmatch(user_turn_regex(), good.replace("inquire_status", "dance"))
     assert not re.fullmatch(user_turn_regex(), good.replace(', "proactive_guidance"', ', "requirement_matching"'))
@@ -144,20 +151,23 @@ def test_retry_then_success(ctx):
     bad = RECORDED[0][2]["text"]
     good = '{"utterance": "hi", "intent": "greet", "emotion": "calm", "satisfaction": 3, "stop": false}'
     client = _Client([bad, good])
-    res = UserSimulator(client, "m", json_retries=2).respond(persona=ctx[0], instance=ctx[1], history=(), turn=1,
-                                                             seed=5)
+    res = UserSimulator(client, "m", json_retries=2).respond(
+        persona=ctx[0], instance=ctx[1], history=(), turn=1, seed=5
+    )
     assert isinstance(res, UserTurn) and res.attempts == 2 and len(set(client.seeds)) == 2
 
 
 def test_retry_budget_then_error_turn_with_raw(ctx):
     texts = [o["text"] for _, _, o in RECORDED if o["mode"] == "none"][:3]
-    res = UserSimulator(_Client(texts), "m", json_retries=2).respond(persona=ctx[0], instance=ctx[1], history=(),
-                                                                     turn=1, seed=0)
+    res = UserSimulator(_Client(texts), "m", json_retries=2).respond(
+        persona=ctx[0], instance=ctx[1], history=(), turn=1, seed=0
+    )
     assert isinstance(res, UserTurnError) and res.stage == "json" and res.attempts == 3
     assert list(res.raw_outputs) == texts
 
 
 def test_request_failure_is_error_turn(ctx):
     res = UserSimulator(_Client([], exc=TimeoutError("read timed out")), "m").respond(
-        persona=ctx[0], instance=ctx[1], history=(), turn=1)
+        persona=ctx[0], instance=ctx[1], history=(), turn=1
+    )
     assert isinstance(res, UserTurnError) and res.stage == "request" and "timed out" in res.error
