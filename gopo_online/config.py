@@ -189,6 +189,8 @@ class BrokerConfig(Section):
     """Queue for messages that failed validation, with the reason."""
     weights_exchange: str = "gopo.weights"
     """Fanout exchange announcing `weights.updated`."""
+    events_exchange: str = "gopo.events"
+    """Fanout exchange of episode / learner / push events (the controller logs them and feeds the dashboard)."""
     task_queue: str = "gopo.episodes"
     """Celery queue of episode tasks."""
     connect_timeout_s: float = Field(default=10.0, gt=0)

@@ -51,6 +51,7 @@ JSON = "application/json"
 EPISODE_TASK_NAME = "gopo.run_episode"
 """Celery task name of one episode; the controller may dispatch by name (`app.send_task`)."""
 WEIGHTS_ROUTING_KEY = "weights.updated"
+EVENTS_ROUTING_KEY = "events"
 RETRY_POLICY: dict[str, Any] = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2.0}
 """Bounded publish retry: 4 attempts over ~3 s, then the error propagates to the caller."""
 MAX_REASON_CHARS = 4000
@@ -96,6 +97,19 @@ class WeightsAnnouncement(BaseModel):
     """host:pid of the announcer."""
 
 
+class MonitorEvent(BaseModel):
+    """One monitoring event on the events fanout (same fields as a line of run_dir/metrics.jsonl)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    kind: str = Field(pattern=r"^(episode|learner|push|system|error)$")
+    step: int = 0
+    time: float
+    metrics: dict[str, float] = Field(default_factory=dict)
+    payload: dict[str, Any] | None = None
+    source: str = ""
+
+
 # --------------------------------------------------------------------------- topology
 def _bcfg(cfg: GopoConfig | BrokerConfig) -> BrokerConfig:
     return cfg if isinstance(cfg, BrokerConfig) else cfg.broker
@@ -123,17 +137,18 @@ class Topology:
             b.dead_letter_queue, self.dead_letter_exchange, routing_key=b.dead_letter_queue, durable=True
         )
         self.weights_exchange = Exchange(b.weights_exchange, type="fanout", durable=True)
+        self.events_exchange = Exchange(b.events_exchange, type="fanout", durable=True)
         # Celery's episode queue, spelled out so the Celery app (task_queues) and queue_depth agree on it.
         self.task_exchange = Exchange(b.task_queue, type="direct", durable=True)
         self.task_queue = Queue(b.task_queue, self.task_exchange, routing_key=b.task_queue, durable=True)
 
-    def weights_queue(self, role: str) -> Queue:
-        """A private auto-delete queue on the weights fanout for one subscriber."""
-        name = f"{self.weights_exchange.name}.{role}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    def fanout_queue(self, exchange: Exchange, role: str, routing_key: str) -> Queue:
+        """A private auto-delete queue on a fanout exchange for one subscriber."""
+        name = f"{exchange.name}.{role}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         return Queue(
             name,
-            self.weights_exchange,
-            routing_key=WEIGHTS_ROUTING_KEY,
+            exchange,
+            routing_key=routing_key,
             durable=False,
             auto_delete=True,
             # RabbitMQ: a subscriber that dies before consuming must not leave its queue behind forever.
@@ -142,7 +157,7 @@ class Topology:
 
     def declare(self, channel: Any) -> None:
         """Declare exchanges and durable queues (idempotent)."""
-        for entity in (self.trajectory_queue, self.dead_letter_queue, self.weights_exchange):
+        for entity in (self.trajectory_queue, self.dead_letter_queue, self.weights_exchange, self.events_exchange):
             entity.bind(channel).declare()
 
 
@@ -534,15 +549,53 @@ def get_dead_letters(url: str, cfg: GopoConfig | BrokerConfig, max_n: int = 100)
 
 
 # --------------------------------------------------------------------------- weights fanout
-class WeightsAnnouncer:
-    """Sends `weights.updated` events on the fanout exchange (the learner). Thread-safe."""
+class _FanoutPublisher:
+    """Publishes JSON records on one fanout exchange. Thread-safe; connects lazily."""
 
-    def __init__(self, url: str, cfg: GopoConfig | BrokerConfig) -> None:
+    def __init__(self, url: str, cfg: GopoConfig | BrokerConfig, exchange: Exchange, routing_key: str) -> None:
         self.cfg = _bcfg(cfg)
         self.topology = Topology(self.cfg)
+        self.exchange = exchange
+        self.routing_key = routing_key
         self._conn = connect(url, self.cfg)
         self._producer: Producer | None = None
         self._lock = threading.Lock()
+
+    def _send(self, body: dict[str, Any]) -> None:
+        with self._lock:
+            if self._producer is None:
+                _ensure_connected(self._conn, self.cfg)
+                self.topology.declare(self._conn.default_channel)
+                self._producer = Producer(self._conn, exchange=self.exchange, auto_declare=False)
+            self._producer.publish(
+                body,
+                serializer="json",
+                exchange=self.exchange,
+                routing_key=self.routing_key,
+                declare=[self.exchange],
+                retry=True,
+                retry_policy=RETRY_POLICY,
+                timeout=self.cfg.connect_timeout_s,
+                confirm_timeout=self.cfg.connect_timeout_s,
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._producer = None
+            self._conn.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class WeightsAnnouncer(_FanoutPublisher):
+    """Sends `weights.updated` events on the weights fanout exchange (the learner)."""
+
+    def __init__(self, url: str, cfg: GopoConfig | BrokerConfig) -> None:
+        super().__init__(url, cfg, Topology(cfg).weights_exchange, WEIGHTS_ROUTING_KEY)
 
     def announce(self, version: int, transport: str, path: str, served_models: dict[str, Any]) -> WeightsAnnouncement:
         event = WeightsAnnouncement(
@@ -553,74 +606,61 @@ class WeightsAnnouncer:
             announced_at=time.time(),
             source=_source(),
         )
-        with self._lock:
-            if self._producer is None:
-                _ensure_connected(self._conn, self.cfg)
-                self.topology.declare(self._conn.default_channel)
-                self._producer = Producer(self._conn, exchange=self.topology.weights_exchange, auto_declare=False)
-            self._producer.publish(
-                event.model_dump(mode="json"),
-                serializer="json",
-                exchange=self.topology.weights_exchange,
-                routing_key=WEIGHTS_ROUTING_KEY,
-                declare=[self.topology.weights_exchange],
-                retry=True,
-                retry_policy=RETRY_POLICY,
-                timeout=self.cfg.connect_timeout_s,
-                confirm_timeout=self.cfg.connect_timeout_s,
-            )
+        self._send(event.model_dump(mode="json"))
         return event
 
-    def close(self) -> None:
-        with self._lock:
-            self._producer = None
-            self._conn.release()
 
-    def __enter__(self) -> WeightsAnnouncer:
-        return self
+class EventPublisher(_FanoutPublisher):
+    """Sends monitoring events (episode summaries, learner steps, pushes, errors) on the events fanout.
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class WeightsListener:
-    """Receives `weights.updated` events in a background thread; `poll()` never blocks.
-
-    `start()` returns once the private queue is subscribed, so an announcement sent afterwards is received.
-    Events are not acked individually (no_ack): only the latest version matters and the next one supersedes
-    a lost one. An event that is not a valid `WeightsAnnouncement` goes to the dead-letter queue with the reason.
-    `on_update`, if given, is called from the listener thread with each valid announcement.
+    Events are for the controller's log and dashboard; losing one loses a dashboard sample, never data (the
+    trajectory itself travels on the durable trajectory queue).
     """
 
+    def __init__(self, url: str, cfg: GopoConfig | BrokerConfig) -> None:
+        super().__init__(url, cfg, Topology(cfg).events_exchange, EVENTS_ROUTING_KEY)
+
+    def emit(
+        self, kind: str, metrics: dict[str, float], payload: dict[str, Any] | None = None, step: int = 0
+    ) -> MonitorEvent:
+        event = MonitorEvent(kind=kind, step=step, time=time.time(), metrics=metrics, payload=payload, source=_source())
+        self._send(event.model_dump(mode="json"))
+        return event
+
+
+class _FanoutListener:
+    """Receives one fanout exchange's JSON records in a background thread; subclasses keep what they need.
+
+    `start()` returns once the private queue is subscribed, so a record sent afterwards is received.
+    Records are not acked individually (no_ack): they are notifications, superseded by the next one.
+    A record that is not valid JSON of `record_type` goes to the dead-letter queue with the reason.
+    """
+
+    record_type: type[BaseModel]
+
     def __init__(
-        self,
-        url: str,
-        cfg: GopoConfig | BrokerConfig,
-        role: str = "listener",
-        on_update: Callable[[WeightsAnnouncement], None] | None = None,
+        self, url: str, cfg: GopoConfig | BrokerConfig, exchange: Exchange, routing_key: str, role: str
     ) -> None:
         self.cfg = _bcfg(cfg)
         self.url = url
         self.role = role
-        self.on_update = on_update
         self.topology = Topology(self.cfg)
+        self.exchange = exchange
+        self.routing_key = routing_key
         self._lock = threading.Lock()
-        self._latest: WeightsAnnouncement | None = None
-        self._last_polled_version: int | None = None
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self.counts: dict[str, int] = {"received": 0, "dead_lettered": 0, "reconnects": 0}
         self.last_error: str | None = None
 
-    def start(self, timeout_s: float | None = None) -> WeightsListener:
+    def start(self, timeout_s: float | None = None):
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=f"weights-listener-{self.role}", daemon=True)
+            self._thread = threading.Thread(target=self._run, name=f"{self.exchange.name}-{self.role}", daemon=True)
             self._thread.start()
         if not self._ready.wait(timeout_s if timeout_s is not None else self.cfg.connect_timeout_s * 2):
             self.stop()
-            raise TimeoutError(f"weights listener could not subscribe to {self.topology.weights_exchange.name}: "
-                               f"{self.last_error}")  # fmt: skip
+            raise TimeoutError(f"listener could not subscribe to {self.exchange.name}: {self.last_error}")
         return self
 
     def _run(self) -> None:
@@ -632,7 +672,7 @@ class WeightsListener:
                 channel = conn.channel()
                 self.topology.declare(channel)
                 producer = Producer(conn.channel(), auto_declare=False)
-                queue = self.topology.weights_queue(self.role)
+                queue = self.topology.fanout_queue(self.exchange, self.role, self.routing_key)
 
                 def on_message(body: Any, message: Any, producer: Producer = producer) -> None:
                     self._on_message(message, producer)
@@ -641,7 +681,7 @@ class WeightsListener:
                 with conn.Consumer([queue], callbacks=[on_message], no_ack=True, accept=["json"]) as consumer:
 
                     def on_decode_error(message: Any, exc: Exception, producer: Producer = producer) -> None:
-                        self._dead_letter(producer, message, f"undecodable weights event: {exc}")
+                        self._dead_letter(producer, message, f"undecodable {self.exchange.name} record: {exc}")
 
                     consumer.on_decode_error = on_decode_error
                     self._ready.set()
@@ -656,7 +696,7 @@ class WeightsListener:
                     break
                 self.last_error = repr(e)
                 self.counts["reconnects"] += 1
-                log.warning("weights listener (%s) lost the broker: %r; reconnecting", self.role, e)
+                log.warning("%s listener (%s) lost the broker: %r; reconnecting", self.exchange.name, self.role, e)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:
@@ -667,24 +707,70 @@ class WeightsListener:
 
     def _dead_letter(self, producer: Producer, message: Any, reason: str) -> None:
         self.counts["dead_lettered"] += 1
-        log.warning("dead-lettered a weights event: %s", reason[:200])
-        _publish_dead_letter(producer, self.topology, self.cfg, message, reason, self.topology.weights_exchange.name)
+        log.warning("dead-lettered a %s record: %s", self.exchange.name, reason[:200])
+        _publish_dead_letter(producer, self.topology, self.cfg, message, reason, self.exchange.name)
 
     def _on_message(self, message: Any, producer: Producer) -> None:
         if message.content_type != JSON:
             self._dead_letter(producer, message, f"foreign content type {message.content_type!r}")
             return
         try:
-            event = WeightsAnnouncement.model_validate_json(message.body)
+            record = self.record_type.model_validate_json(message.body)
         except ValidationError as e:
-            self._dead_letter(producer, message, f"not a valid WeightsAnnouncement: {e}")
+            self._dead_letter(producer, message, f"not a valid {self.record_type.__name__}: {e}")
             return
         with self._lock:
             self.counts["received"] += 1
-            if self._latest is None or event.version >= self._latest.version:
-                self._latest = event
+            self._keep(record)
+        self._notify(record)
+
+    def _keep(self, record: Any) -> None:
+        """Store a valid record (called under the lock)."""
+        raise NotImplementedError
+
+    def _notify(self, record: Any) -> None:
+        """Hook called from the listener thread after a record is kept (outside the lock)."""
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class WeightsListener(_FanoutListener):
+    """Receives `weights.updated` events; `poll()` never blocks and returns only something newer.
+
+    `on_update`, if given, is called from the listener thread with each valid announcement.
+    """
+
+    record_type = WeightsAnnouncement
+
+    def __init__(
+        self,
+        url: str,
+        cfg: GopoConfig | BrokerConfig,
+        role: str = "listener",
+        on_update: Callable[[WeightsAnnouncement], None] | None = None,
+    ) -> None:
+        super().__init__(url, cfg, Topology(cfg).weights_exchange, WEIGHTS_ROUTING_KEY, role)
+        self.on_update = on_update
+        self._latest: WeightsAnnouncement | None = None
+        self._last_polled_version: int | None = None
+
+    def _keep(self, record: WeightsAnnouncement) -> None:
+        if self._latest is None or record.version >= self._latest.version:
+            self._latest = record
+
+    def _notify(self, record: WeightsAnnouncement) -> None:
         if self.on_update is not None:
-            self.on_update(event)
+            self.on_update(record)
 
     @property
     def latest(self) -> WeightsAnnouncement | None:
@@ -710,17 +796,24 @@ class WeightsListener:
             time.sleep(0.02)
         return None
 
-    def stop(self, timeout_s: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
 
-    def __enter__(self) -> WeightsListener:
-        return self.start()
+class EventListener(_FanoutListener):
+    """Receives monitoring events into a bounded buffer; `drain()` returns and clears what arrived."""
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    record_type = MonitorEvent
+
+    def __init__(self, url: str, cfg: GopoConfig | BrokerConfig, role: str = "controller", maxlen: int = 100_000):
+        super().__init__(url, cfg, Topology(cfg).events_exchange, EVENTS_ROUTING_KEY, role)
+        self._events: collections.deque[MonitorEvent] = collections.deque(maxlen=maxlen)
+
+    def _keep(self, record: MonitorEvent) -> None:
+        self._events.append(record)
+
+    def drain(self) -> list[MonitorEvent]:
+        with self._lock:
+            out = list(self._events)
+            self._events.clear()
+            return out
 
 
 # --------------------------------------------------------------------------- dashboard / ops
@@ -748,7 +841,7 @@ def delete_topology(url: str, cfg: GopoConfig | BrokerConfig, *, include_task_qu
     b = _bcfg(cfg)
     topo = Topology(b)
     queues = [topo.trajectory_queue, topo.dead_letter_queue] + ([topo.task_queue] if include_task_queue else [])
-    exchanges = [topo.trajectory_exchange, topo.dead_letter_exchange, topo.weights_exchange]
+    exchanges = [topo.trajectory_exchange, topo.dead_letter_exchange, topo.weights_exchange, topo.events_exchange]
     exchanges += [topo.task_exchange] if include_task_queue else []
     with connect(url, b) as conn:
         _ensure_connected(conn, b)
