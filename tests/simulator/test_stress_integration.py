@@ -1,0 +1,56 @@
+"""A short real stress run: a real vLLM server with the default model plays the simulated users, the judge and the
+single agent under test (no mocks). ~1-3 min on 2 CPU cores."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from gopo_online.config import load_config
+from gopo_online.types import Trajectory
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from gopo_online.models import default_model_dir, is_prepared
+    from gopo_online.serving.process import VLLMServer
+
+    model = default_model_dir()
+    if not is_prepared(model):
+        pytest.fail(f"default model not prepared at {model}: run `gopo-online model prepare`")
+    log = tmp_path_factory.mktemp("vllm") / "vllm.log"
+    with VLLMServer(model, served_name="policy", log_path=log, startup_timeout_s=400).start() as srv:
+        yield srv
+
+
+def test_short_stress_single_agent(server, tmp_path):
+    from simulator.stress import METRIC_KEYS, main
+
+    cfg = load_config(overrides=["simulator.max_turns=2", "agents.cs.max_tokens=48", "simulator.json_retries=1"])
+    out = tmp_path / "stress"
+    report = main(cfg, n_personas=3, concurrency=3, seed=1, target_url=server.base_url, target_model="policy",
+                  out=out, max_turns=2, sim_url=server.base_url)
+    for name in ("report.json", "trajectories.jsonl", "report.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["overall"] == json.loads(json.dumps(report["overall"]))
+    assert set(METRIC_KEYS) <= set(on_disk["overall"])
+    assert {"difficulty=hard", "difficulty=easy"} <= set(on_disk["groups"])
+    assert on_disk["setup"]["target"].startswith("single-agent:policy@")
+    trajs = [Trajectory.from_json(line) for line in (out / "trajectories.jsonl").read_text().splitlines()]
+    assert len(trajs) == 3 and on_disk["overall"]["episodes"] == 3
+    ok = [t for t in trajs if t.status == "ok"]
+    # a failed episode must say why; with the regex-constrained simulator most episodes succeed
+    assert all(t.error for t in trajs if t.status == "error")
+    assert ok, [t.error for t in trajs]
+    o = on_disk["overall"]
+    for key in ("tse", "satisfaction", "finish_rate", "cost_rate", "turns", "compliance"):
+        assert isinstance(o[key], float) and math.isfinite(o[key]), key
+    assert 1.0 <= o["satisfaction"] <= 5.0 and 0.0 <= o["tse"] <= 1.0 and 1.0 <= o["turns"] <= 2.0
+    for t in ok:
+        assert all(u.cs_reply and u.user_utterance and u.expert_skills == ("single_agent",) for u in t.turns)
+        assert t.final_satisfaction is not None
