@@ -246,10 +246,14 @@ class Judge:
         dims = "\n".join(f"- {d}: {DIMENSION_HELP.get(d, d.replace('_', ' '))}" for d in self.dimensions)
         prins = "\n".join(f"- {p}: {DIMENSION_HELP.get(p, p.replace('_', ' '))}" for p in self.principles)
         skill_text = "\n".join(f"- {s.name}: {s.description}" for s in skills) or "(none)"
-        example = {
-            "scores": {d: 7 for d in self.dimensions},
-            "principles": {p: 1 for p in self.principles},
-        }
+        # Placeholders, not numbers: a small judge copies example numbers verbatim (seen with SmolLM2: all 7s).
+        example = (
+            '{"scores": {'
+            + ", ".join(f'"{d}": <{SCORE_MIN}-{SCORE_MAX}>' for d in self.dimensions)
+            + '}, "principles": {'
+            + ", ".join(f'"{p}": <0|0.5|1>' for p in self.principles)
+            + "}}"
+        )
         user = (
             f"Conversation so far:\n{history or '(start)'}\n\nCustomer: {utterance}\n\n"
             f"Skills the agent had to follow:\n{skill_text}\n\n"
@@ -257,7 +261,7 @@ class Judge:
             f"Agent action: {action}\nAgent reply: {reply}\n\n"
             f"Score each dimension from {SCORE_MIN} (very bad) to {SCORE_MAX} (excellent):\n{dims}\n\n"
             f"Rate each principle 0 (violated), 0.5 (partly met) or 1 (met):\n{prins}\n\n"
-            f"Answer with JSON only, in exactly this form:\n{json.dumps(example)}"
+            f"Answer with JSON only, in exactly this form:\n{example}"
         )
         return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
 

@@ -1,0 +1,123 @@
+"""Judge answer repair and parsing, on answers recorded from SmolLM2 and on hand-made slips."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gopo_online.config import JudgeConfig
+from gopo_online.serving.client import ChatResult
+from gopo_online.serving.judge import (
+    Judge,
+    JudgeParseError,
+    judge_schema,
+    normalise_score,
+    parse_judgement,
+    snap_principle,
+)
+
+FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "judge_raw_smollm2.json").read_text())
+DIMS, PRINS = FIXTURE["dimensions"], FIXTURE["principles"]
+ANSWERS = FIXTURE["answers"]
+# Index of each recorded answer that holds a complete verdict after repair; every other one must fail.
+REPAIRABLE = {
+    0: "complete object followed by a stray '}'",
+    5: "complete object with an extra unknown key and a stray '}'",
+    9: "clean answer",
+}
+
+
+@pytest.mark.parametrize("i", range(len(ANSWERS)))
+def test_recorded_smollm2_answers_repaired_or_rejected(i):
+    text = ANSWERS[i]
+    if i in REPAIRABLE:
+        v = parse_judgement(text, DIMS, PRINS)
+        assert v.ok and set(v.scores) == set(DIMS) and set(v.principles) == set(PRINS)
+        assert v.raw == text
+    else:
+        # truncated JSON, prose, a list instead of an object, missing principles: never invented scores
+        with pytest.raises(JudgeParseError):
+            parse_judgement(text, DIMS, PRINS)
+
+
+def test_recorded_answer_values():
+    v = parse_judgement(ANSWERS[0], DIMS, PRINS)
+    # 7 on the 1..10 scale -> (7 - 1) / 9
+    assert v.scores["quality"] == pytest.approx(6 / 9)
+    assert v.principles == {"logic": 1.0, "empathy": 1.0, "compliance": 1.0}
+
+
+def test_repairs_fences_quotes_scales_and_flat_form():
+    text = (
+        "Sure! ```json\n{'scores': {'Quality': '8/10', 'skill compliance': 0.75, 'empathy': 85, 'diversity': 1,}, "
+        "principles: {'logic': 'partial', 'empathy': 0.4, 'compliance': 9}}\n```"
+    )
+    v = parse_judgement(
+        text, ["quality", "skill_compliance", "empathy", "diversity"], ["logic", "empathy", "compliance"]
+    )
+    # 8/10 -> 8 -> 7/9; 0.75 is a fraction already; 85 is a percentage; 1 is the scale's bottom -> 0
+    assert v.scores == pytest.approx({"quality": 7 / 9, "skill_compliance": 0.75, "empathy": 0.85, "diversity": 0.0})
+    # "partial" -> 0.5; 0.4 snaps to 0.5; 9 on 1..10 -> 8/9 -> snaps to 1
+    assert v.principles == {"logic": 0.5, "empathy": 0.5, "compliance": 1.0}
+    flat = parse_judgement('{"quality": 10, "logic": 0}', ["quality"], ["logic"])
+    assert flat.scores == {"quality": 1.0} and flat.principles == {"logic": 0.0}
+
+
+def test_out_of_range_values_are_clamped():
+    assert normalise_score(0) == 0.0 and normalise_score(11) == pytest.approx(0.11) and normalise_score(-3) == 0.0
+    assert normalise_score(1000) == 1.0
+    assert snap_principle(0.2) == 0.0 and snap_principle(0.76) == 1.0 and snap_principle(-1) == 0.0
+
+
+def test_schema_enumerates_the_ranges():
+    s = judge_schema(["quality"], ["logic"])
+    assert s["properties"]["scores"]["properties"]["quality"]["enum"] == list(range(1, 11))
+    assert s["properties"]["principles"]["properties"]["logic"]["enum"] == [0, 0.5, 1]
+    assert s["properties"]["scores"]["required"] == ["quality"]
+
+
+class Replay:
+    """A chat backend that replays recorded answers in order."""
+
+    def __init__(self, answers):
+        self.answers = list(answers)
+        self.calls = []
+
+    def chat(self, messages, *, model, temperature, max_tokens, seed=None, structured=None):
+        self.calls.append({"temperature": temperature, "structured": structured})
+        return ChatResult(text=self.answers.pop(0), model=model)
+
+
+def _cfg(retries: int) -> JudgeConfig:
+    return JudgeConfig(
+        dimensions={d: 1.0 for d in DIMS[:4]},
+        gre_dimensions=DIMS[4:],
+        principles={p: 1.0 for p in PRINS},
+        retries=retries,
+    )
+
+
+def test_judge_reasks_then_succeeds_and_keeps_all_raw_text():
+    backend = Replay([ANSWERS[2], ANSWERS[9]])
+    v = Judge(backend, model="j", cfg=_cfg(retries=1)).score("where?", "sorry", "chat")
+    assert v.ok and ANSWERS[2] in v.raw and ANSWERS[9] in v.raw
+    assert backend.calls[0]["structured"]["json"]["required"] == ["scores", "principles"]
+    assert backend.calls[1]["temperature"] >= 0.7  # a greedy re-ask would repeat itself
+
+
+def test_judge_marks_failure_instead_of_inventing_scores():
+    backend = Replay([ANSWERS[1], ANSWERS[4]])
+    v = Judge(backend, model="j", cfg=_cfg(retries=1), structured=False).score("where?", "sorry", "chat")
+    assert not v.ok and v.scores == {} and v.principles == {}
+    assert "attempt 1" in v.error and "attempt 2" in v.error
+    assert v.raw == ANSWERS[1] + "\n---\n" + ANSWERS[4]
+    assert backend.calls[0]["structured"] is None
+
+
+def test_prompt_lists_every_dimension_and_principle():
+    judge = Judge(Replay([]), model="j", cfg=_cfg(0))
+    text = judge.messages("u", "r", "chat")[1]["content"]
+    for name in DIMS + PRINS:
+        assert f'"{name}"' in text
