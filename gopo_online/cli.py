@@ -69,13 +69,15 @@ def _has(module_name: str) -> bool:
 def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    no_spawn: Annotated[bool, typer.Option("--no-spawn", help="Join broker/servers/workers started elsewhere.")] = False,
+    no_spawn: Annotated[
+        bool, typer.Option("--no-spawn", help="Join broker/servers/workers started elsewhere.")
+    ] = False,
 ) -> None:
     """Run the online RL loop: broker, vLLM servers, rollout workers, learner, live dashboard."""
     cfg = _load(config, set_)
-    if not _has("gopo_online.controller"):
-        _not_built("train", "issue: The loop")
-    _call("gopo_online.controller:train", cfg, spawn=not no_spawn)
+    # The controller lives in workers/ (it samples personas to dispatch); reached by module path.
+    code = _call("workers.controller:train", cfg, spawn=not no_spawn, config_path=config, overrides=list(set_ or []))
+    raise typer.Exit(code or 0)
 
 
 @app.command()
@@ -117,8 +119,16 @@ def eval_(
     cfg = _load(config, [*(set_ or []), "simulator.split=heldout"])
     if not _has("simulator.stress"):
         _not_built("eval", "issue: Simulator")
-    _call("simulator.stress:main", cfg, n_personas=personas, concurrency=4, seed=0, target_url=None,
-          target_model=None, out=None)
+    _call(
+        "simulator.stress:main",
+        cfg,
+        n_personas=personas,
+        concurrency=4,
+        seed=0,
+        target_url=None,
+        target_model=None,
+        out=None,
+    )
 
 
 @app.command()
@@ -236,9 +246,7 @@ def personas_list(
 
 
 @personas_app.command("show")
-def personas_show(
-    persona_id: str, file: Annotated[Path | None, typer.Option(help="Persona file.")] = None
-) -> None:
+def personas_show(persona_id: str, file: Annotated[Path | None, typer.Option(help="Persona file.")] = None) -> None:
     """Show one persona in full."""
     _personas("show_persona", persona_id=persona_id, file=file)
 

@@ -49,12 +49,13 @@ class ServedCS:
     """`gopo_online.serving.agents.CSAgent` as an episode `CS`; one agent per scenario family so the decoder's action
     tags are the family's."""
 
-    def __init__(self, client: Any, cfg: GopoConfig, policy_version: int = 0) -> None:
+    def __init__(self, client: Any, cfg: GopoConfig, policy_version: int = 0, model: str | None = None) -> None:
         from gopo_online.serving.agents import CSAgent
 
         self.agents: dict[str, Any] = {}
+        model = model or cfg.model.served_name
         self._make = lambda tags: CSAgent(
-            client, model=cfg.model.served_name, policy_version=policy_version, cfg=cfg.agents.cs, default_actions=tags
+            client, model=model, policy_version=policy_version, cfg=cfg.agents.cs, default_actions=tags
         )
 
     def respond(self, state: DialogueState) -> tuple[str, str, Generation | None, Compliance | None]:

@@ -233,6 +233,7 @@ def make_app(cfg: GopoConfig, broker_url: str, ctx: WorkerContext | None = None)
                 raise self.retry(exc=exc, countdown=min(60.0, ctx.retry_backoff_s * 2**retries)) from exc
             raise
         done.mark_done(eid)
+        ctx.emit_episode(traj)
         return {"status": traj.status, "episode_id": eid, "turns": len(traj.turns)}
 
     return app

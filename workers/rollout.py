@@ -24,7 +24,7 @@ from gopo_online.types import Trajectory
 
 if TYPE_CHECKING:
     from gopo_online.config import GopoConfig
-    from gopo_online.stream import TrajectoryPublisher
+    from gopo_online.stream import EventPublisher, TrajectoryPublisher
 
 
 class TransientError(RuntimeError):
@@ -72,19 +72,86 @@ class EpisodeDeps:
     judge: Any
     extra: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for play_episode (e.g. teacher, tse_source)."""
+    make_agents: Callable[[], tuple[Any, Any]] | None = None
+    """When set, called at the start of EVERY episode for (expert, cs): the served policy version can change
+    between episodes (weight pushes), and each episode must use, and record, the version it really sampled."""
+
+
+def policy_versions(cfg: GopoConfig, root_url: str) -> dict[str, tuple[str, int]]:
+    """Agent -> (model name to request, policy version) as the policy server reports it right now.
+
+    LoRA transport: each agent is a stable adapter name ("expert", "cs") hot-loaded in place; GET /v1/models lists
+    it with the folder it came from (…/lora-v{N}), which is the version. No adapter listed yet = version 0 = the
+    base model. Asking the server (not a registry file) keeps this right for a restarted server and in a cluster.
+    """
+    from gopo_online.serving.weights import AdminClient, LoRATransport, admin_token
+
+    if cfg.serving.weight_transport != "lora":
+        raise NotImplementedError(
+            "the training loop serves the two policies as LoRA adapters on one server; "
+            "serving.weight_transport = 'full' is supported by WeightPublisher but not yet by the loop"
+        )
+    out = {}
+    with AdminClient(root_url, token=admin_token(cfg.serving), timeout_s=10.0) as admin:
+        for agent in AGENTS:
+            transport = LoRATransport(served_name=cfg.model.served_name, adapter_name=agent)
+            version = transport.server_version(admin) or 0
+            out[agent] = (transport.served_model(version), version)
+    return out
+
+
+AGENTS = ("expert", "cs")
+
+
+def _sim_backend(cfg: GopoConfig, policy_client: Any) -> tuple[Any, str, str, bool]:
+    """(client, model, structured-output mode, is_vllm) of the simulator/judge backend per `serving.simulator`."""
+    from gopo_online.serving.client import client_from_config
+
+    if cfg.serving.simulator == "same":
+        return policy_client, cfg.model.served_name, "regex", True
+    if cfg.serving.simulator == "separate":
+        url = cfg.serving.simulator_server.url
+        if not url:
+            raise ValueError("serving.simulator = 'separate' needs serving.simulator_server.url (train sets it)")
+        return client_from_config(cfg, url.rstrip("/") + "/v1"), cfg.model.served_name, "regex", True
+    client = client_from_config(cfg, cfg.serving.external_url, external=True)
+    return client, cfg.serving.external_model, "json", False
 
 
 def default_deps(ctx: WorkerContext) -> EpisodeDeps:
-    """Build the served agents from the config.
+    """The served agents, simulator and judge of the config (built once per worker process).
 
-    TODO(lead): wire the Expert/CS agents and the judge from gopo_online.serving once they land (policy server
-    URL from the controller, simulator/judge endpoint per `serving.simulator`). Until then a worker needs an
-    injected `deps_factory` (or `rollout_fn`); this raises so the task records a clear error instead of guessing.
+    The policy server is `serving.policy.url` (the controller passes it with --set). Agents are rebuilt per
+    episode (`make_agents`) with the model names and version the server serves at that moment.
     """
-    raise NotImplementedError(
-        "workers.rollout.default_deps: served Expert/CS/judge are not wired yet; "
-        "pass WorkerContext(deps_factory=...) or rollout_fn=..."
-    )
+    from gopo_online.serving.agents import ExpertAgent
+    from gopo_online.serving.client import client_from_config
+    from simulator.serving_adapters import ServedCS, ServedExpert, judge_or_none
+    from simulator.user import UserSimulator
+
+    cfg = ctx.cfg
+    root = cfg.serving.policy.url
+    if not root:
+        raise ValueError(
+            "serving.policy.url is not set: a worker needs the policy server "
+            "(gopo-online train passes it; standalone: --set serving.policy.url=http://HOST:PORT)"
+        )
+    root = root.rstrip("/").removesuffix("/v1")
+    policy_client = client_from_config(cfg, root + "/v1")
+    sim_client, sim_model, structured, sim_vllm = _sim_backend(cfg, policy_client)
+    user_sim = UserSimulator.from_config(cfg.simulator, sim_client, sim_model, structured=structured)
+    judge = judge_or_none(cfg, sim_client, sim_model, vllm=sim_vllm)
+
+    def make_agents() -> tuple[Any, Any]:
+        served = policy_versions(cfg, root)
+        (e_model, e_version), (c_model, c_version) = served["expert"], served["cs"]
+        expert = ServedExpert(
+            ExpertAgent(policy_client, model=e_model, policy_version=e_version, cfg=cfg.agents.expert)
+        )
+        cs = ServedCS(policy_client, cfg, c_version, model=c_model)
+        return expert, cs
+
+    return EpisodeDeps(user_sim=user_sim, expert=None, cs=None, judge=judge, make_agents=make_agents)
 
 
 def _rollout_type() -> Callable[[EpisodeRequest, WorkerContext], Trajectory]:
@@ -107,6 +174,26 @@ class WorkerContext:
     state: dict[str, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     publisher: TrajectoryPublisher | None = None
+    events: EventPublisher | None = None
+
+    def emit_episode(self, traj: Trajectory) -> None:
+        """Best effort: tell the controller (dashboard, metrics log) that an episode finished. The trajectory itself
+        already travelled on the durable queue, so a lost event costs one dashboard sample, nothing else."""
+        from gopo_online.dashboard import episode_event
+        from gopo_online.stream import EventPublisher
+
+        try:
+            with self.lock:
+                if self.events is None:
+                    self.events = EventPublisher(self.broker_url, self.cfg)
+            metrics, payload = episode_event(
+                traj, self.cfg.rewards.tse_weights, self.cfg.rewards.tse_gamma, self.cfg.dashboard.excerpt_turns
+            )
+            self.events.emit("episode", metrics, payload)
+        except Exception as e:  # noqa: BLE001 - monitoring must never fail an episode
+            import logging
+
+            logging.getLogger(__name__).warning("could not emit the episode event of %s: %r", traj.episode_id, e)
 
     def get_publisher(self) -> TrajectoryPublisher:
         from gopo_online.stream import TrajectoryPublisher
@@ -127,6 +214,9 @@ class WorkerContext:
             if self.publisher is not None:
                 self.publisher.close()
                 self.publisher = None
+            if self.events is not None:
+                self.events.close()
+                self.events = None
 
 
 def _persona(ctx: WorkerContext, persona_id: str) -> Any:
@@ -153,13 +243,14 @@ def rollout(request: EpisodeRequest, ctx: WorkerContext) -> Trajectory:
         request.scenario_id, seed=request.seed or 0, demand=persona.extrinsic_demand, case_type=request.case_type
     )
     deps = ctx.get_deps()
+    expert, cs = deps.make_agents() if deps.make_agents is not None else (deps.expert, deps.cs)
     return play_episode(
         episode_id=request.episode_id,
         scenario_instance=instance,
         persona=persona,
         user_sim=deps.user_sim,
-        expert=deps.expert,
-        cs=deps.cs,
+        expert=expert,
+        cs=cs,
         judge=deps.judge,
         cfg=ctx.cfg,
         seed=request.seed or 0,
