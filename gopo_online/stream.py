@@ -874,6 +874,7 @@ def bench_stream(url: str, n: int = 1000, size_bytes: int = 50_000, cfg: BrokerC
             "trajectory_queue": f"bench.traj.{tag}",
             "dead_letter_queue": f"bench.dlq.{tag}",
             "weights_exchange": f"bench.weights.{tag}",
+            "events_exchange": f"bench.events.{tag}",
             "task_queue": f"bench.tasks.{tag}",
         }
     )

@@ -1,0 +1,126 @@
+"""`gopo-online bench`: speed and memory targets live here, not in timed unit tests.
+
+Each benchmark returns rows (dicts with `bench`, `metric`, `value`, `unit` and free-form context); the
+command prints them as one table and writes them, with the machine's description, to a JSON results file.
+Benchmarks that need parts of the system start those parts themselves (a real broker, a real vLLM server).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gopo_online.config import GopoConfig
+
+Row = dict[str, Any]
+
+
+def _row(bench: str, metric: str, value: float, unit: str, **context: Any) -> Row:
+    return {"bench": bench, "metric": metric, "value": round(float(value), 6), "unit": unit, **context}
+
+
+def _timeit(fn: Callable[[], Any], repeats: int) -> float:
+    """Median seconds of `repeats` calls."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_math(cfg: GopoConfig) -> list[Row]:
+    """Reward math on the learner's hot path: ESNDCG, GAE, GRPO advantages, TSE."""
+    import numpy as np
+
+    from gopo_online import metrics, rewards
+
+    rng = np.random.default_rng(0)
+    pool = [f"skill_{i}" for i in range(12)]
+    pairs = [(list(rng.choice(pool, 5, replace=False)), list(rng.choice(pool, 5, replace=False))) for _ in range(1000)]
+    t = _timeit(lambda: [rewards.esndcg(p, q) for p, q in pairs], 5)
+    rows = [_row("math", "esndcg", len(pairs) / t, "calls/s")]
+    r, v = rng.normal(size=4096), rng.normal(size=4096)
+    t = _timeit(lambda: rewards.gae(r, v, 0.95, 0.95), 5)
+    rows.append(_row("math", "gae_4096_steps", t * 1e3, "ms"))
+    g = rng.normal(size=(64, 8))
+    t = _timeit(lambda: [rewards.grpo_advantages(row) for row in g], 5)
+    rows.append(_row("math", "grpo_64_groups_of_8", t * 1e3, "ms"))
+    t = _timeit(lambda: [metrics.tse((1, 3, 4), (0.4, 0.3, 0.3), 0.9) for _ in range(1000)], 5)
+    rows.append(_row("math", "tse", 1000 / t, "calls/s"))
+    return rows
+
+
+BENCHES: dict[str, str] = {
+    "math": "gopo_online.bench:bench_math",
+    "broker": "gopo_online.bench_parts:bench_broker",
+    "vllm": "gopo_online.bench_parts:bench_vllm",
+    "push": "gopo_online.bench_parts:bench_push",
+    "learner": "gopo_online.bench_parts:bench_learner",
+}
+"""Benchmark name -> `module:function(cfg) -> list[Row]`, imported only when run."""
+
+
+def _resolve(target: str) -> Callable[[GopoConfig], list[Row]]:
+    import importlib
+
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        pass
+    return info
+
+
+def main(cfg: GopoConfig, only: list[str], out: Path) -> list[Row]:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    unknown = [n for n in only if n not in BENCHES]
+    if unknown:
+        raise SystemExit(f"unknown benchmark(s) {unknown}; choose from {sorted(BENCHES)}")
+    names = only or list(BENCHES)
+    rows: list[Row] = []
+    failures: dict[str, str] = {}
+    for name in names:
+        console.log(f"bench {name} …")
+        t0 = time.time()
+        try:
+            rows.extend(_resolve(BENCHES[name])(cfg))
+        except Exception as e:  # one broken benchmark must not hide the others' numbers
+            failures[name] = f"{type(e).__name__}: {e}"
+            console.log(f"[red]bench {name} failed[/red]: {failures[name]}")
+        console.log(f"bench {name} done in {time.time() - t0:.1f}s")
+    table = Table(title="gopo-online bench")
+    for col in ("bench", "metric", "value", "unit", "context"):
+        table.add_column(col)
+    for r in rows:
+        ctx = {k: v for k, v in r.items() if k not in ("bench", "metric", "value", "unit")}
+        table.add_row(r["bench"], r["metric"], f"{r['value']:.4g}", r["unit"], json.dumps(ctx) if ctx else "")
+    console.print(table)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(), "rows": rows, "failures": failures}
+    out.write_text(json.dumps(payload, indent=2))
+    console.log(f"results written to {out}")
+    if failures:
+        raise SystemExit(1)
+    return rows
