@@ -159,6 +159,8 @@ def parse_judgement(text: str, dimensions: Sequence[str], principles: Sequence[s
     if not isinstance(data, dict):
         raise JudgeParseError(f"judge JSON is not an object: {obj[:200]!r}")
     score_src = _find(data, "scores")
+    if not isinstance(score_src, Mapping):
+        score_src = _find(data, "score")  # seen from SmolLM2: {"score": {"quality": "1", ...}}
     score_src = score_src if isinstance(score_src, Mapping) else data
     principle_src = _find(data, "principles")
     principle_src = principle_src if isinstance(principle_src, Mapping) else data

@@ -42,6 +42,19 @@ def test_recorded_smollm2_answers_repaired_or_rejected(i):
             parse_judgement(text, DIMS, PRINS)
 
 
+@pytest.mark.parametrize("i", range(len(FIXTURE["answers_placeholder_prompt"])))
+def test_recorded_answers_to_the_placeholder_prompt_are_all_rejected(i):
+    # Without a schema this small model never produced a complete verdict to the current prompt: every one must fail.
+    with pytest.raises(JudgeParseError):
+        parse_judgement(FIXTURE["answers_placeholder_prompt"][i], DIMS, PRINS)
+
+
+def test_score_alias_is_accepted():
+    text = '{"score": {"quality": "1"}, "principles": {"logic": "1"}}'  # shape of a recorded SmolLM2 answer
+    v = parse_judgement(text, ["quality"], ["logic"])
+    assert v.scores == {"quality": 0.0} and v.principles == {"logic": 1.0}
+
+
 def test_recorded_answer_values():
     v = parse_judgement(ANSWERS[0], DIMS, PRINS)
     # 7 on the 1..10 scale -> (7 - 1) / 9
