@@ -55,8 +55,10 @@ class ReplyCS:
 
 class FullJudge:
     def score(self, state, reply, action):
-        return JudgeScores(scores={k: 0.5 for k in (*CFG.judge.dimensions, *CFG.judge.gre_dimensions)},
-                           principles={k: 1.0 for k in CFG.judge.principles})
+        return JudgeScores(
+            scores={k: 0.5 for k in (*CFG.judge.dimensions, *CFG.judge.gre_dimensions)},
+            principles={k: 1.0 for k in CFG.judge.principles},
+        )
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +82,26 @@ def _replies(inst):
 
 
 def test_happy_path_fills_rewards_tse_costs(persona, inst):
-    user = ScriptedUser([("complain", "angry", 2, True, ()), ("complain", "angry", 2, False, ()),
-                         ("provide_info", "frustrated", 3, False, ("requirement_matching",)),
-                         ("thank", "satisfied", 4, True, ("information_delivery", "proactive_guidance"))])
+    user = ScriptedUser(
+        [
+            ("complain", "angry", 2, True, ()),
+            ("complain", "angry", 2, False, ()),
+            ("provide_info", "frustrated", 3, False, ("requirement_matching",)),
+            ("thank", "satisfied", 4, True, ("information_delivery", "proactive_guidance")),
+        ]
+    )
     expert = FixedExpert(["acknowledge_and_empathize", "offer_voucher"])
-    tr = play_episode(episode_id="e1", scenario_instance=inst, persona=persona, user_sim=user, expert=expert,
-                      cs=ReplyCS(_replies(inst)), judge=FullJudge(), cfg=CFG, seed=3)
+    tr = play_episode(
+        episode_id="e1",
+        scenario_instance=inst,
+        persona=persona,
+        user_sim=user,
+        expert=expert,
+        cs=ReplyCS(_replies(inst)),
+        judge=FullJudge(),
+        cfg=CFG,
+        seed=3,
+    )
     assert tr.status == "ok" and tr.finished and tr.final_satisfaction == 4
     assert len(tr.turns) == 3  # the stop message after reply 3 ends the episode (the opening stop is ignored)
     # rule detector: reply 2 names the order (task 1); reply 3 states the delay and gives a voucher (tasks 2+3)
@@ -102,29 +118,60 @@ def test_happy_path_fills_rewards_tse_costs(persona, inst):
 
 
 def test_tse_source_simulator_uses_claims(persona, inst):
-    user = ScriptedUser([("complain", "angry", 2, False, ()), ("complain", "angry", 2, False, ("requirement_matching",)),
-                         ("thank", "satisfied", 4, True, ("information_delivery",))])
-    tr = play_episode(episode_id="e2", scenario_instance=inst, persona=persona, user_sim=user,
-                      expert=FixedExpert(["verify_order_issue"]), cs=ReplyCS([("ok", "chat")]), judge=None, cfg=CFG,
-                      seed=0, tse_source="simulator")
+    user = ScriptedUser(
+        [
+            ("complain", "angry", 2, False, ()),
+            ("complain", "angry", 2, False, ("requirement_matching",)),
+            ("thank", "satisfied", 4, True, ("information_delivery",)),
+        ]
+    )
+    tr = play_episode(
+        episode_id="e2",
+        scenario_instance=inst,
+        persona=persona,
+        user_sim=user,
+        expert=FixedExpert(["verify_order_issue"]),
+        cs=ReplyCS([("ok", "chat")]),
+        judge=None,
+        cfg=CFG,
+        seed=0,
+        tse_source="simulator",
+    )
     assert tr.task_completion_turns == (1, 2, None)
     assert all(t.rewards is None and t.judge is None for t in tr.turns)
 
 
 def test_max_turns_asks_for_final_verdict(persona, inst):
     user = ScriptedUser([("complain", "neutral", 3, False, ())])
-    tr = play_episode(episode_id="e3", scenario_instance=inst, persona=persona, user_sim=user,
-                      expert=FixedExpert(["verify_order_issue"]), cs=ReplyCS([("ok", "chat")]), judge=None, cfg=CFG,
-                      seed=0, max_turns=2)
+    tr = play_episode(
+        episode_id="e3",
+        scenario_instance=inst,
+        persona=persona,
+        user_sim=user,
+        expert=FixedExpert(["verify_order_issue"]),
+        cs=ReplyCS([("ok", "chat")]),
+        judge=None,
+        cfg=CFG,
+        seed=0,
+        max_turns=2,
+    )
     assert tr.status == "ok" and len(tr.turns) == 2 and not tr.finished and tr.final_satisfaction == 3
     assert [c[0] for c in user.calls] == [1, 2, 3]
 
 
 def test_agent_exception_becomes_error_trajectory(persona, inst):
     user = ScriptedUser([("complain", "angry", 2, False, ())])
-    tr = play_episode(episode_id="e4", scenario_instance=inst, persona=persona, user_sim=user,
-                      expert=FixedExpert(["verify_order_issue"]), cs=ReplyCS([("ok", "chat")], boom_at=2),
-                      judge=FullJudge(), cfg=CFG, seed=0)
+    tr = play_episode(
+        episode_id="e4",
+        scenario_instance=inst,
+        persona=persona,
+        user_sim=user,
+        expert=FixedExpert(["verify_order_issue"]),
+        cs=ReplyCS([("ok", "chat")], boom_at=2),
+        judge=FullJudge(),
+        cfg=CFG,
+        seed=0,
+    )
     assert tr.status == "error" and len(tr.turns) == 1
     assert tr.error.startswith("turn 2 cs: RuntimeError: cs server went away")
     assert Trajectory.from_json(tr.to_json()).error == tr.error
@@ -132,15 +179,31 @@ def test_agent_exception_becomes_error_trajectory(persona, inst):
 
 def test_simulator_error_turn_ends_episode_explicitly(persona, inst):
     user = ScriptedUser([("complain", "angry", 2, False, ())], fail_at=2)
-    tr = play_episode(episode_id="e5", scenario_instance=inst, persona=persona, user_sim=user,
-                      expert=FixedExpert(["verify_order_issue"]), cs=ReplyCS([("ok", "chat")]), judge=None, cfg=CFG)
+    tr = play_episode(
+        episode_id="e5",
+        scenario_instance=inst,
+        persona=persona,
+        user_sim=user,
+        expert=FixedExpert(["verify_order_issue"]),
+        cs=ReplyCS([("ok", "chat")]),
+        judge=None,
+        cfg=CFG,
+    )
     assert tr.status == "error" and len(tr.turns) == 1 and "json failed" in tr.error and "{bad" in tr.error
 
 
 def test_expert_outside_pool_is_an_error(persona, inst):
     user = ScriptedUser([("complain", "angry", 2, False, ())])
-    tr = play_episode(episode_id="e6", scenario_instance=inst, persona=persona, user_sim=user,
-                      expert=FixedExpert(["fly_to_the_moon"]), cs=ReplyCS([("ok", "chat")]), judge=None, cfg=CFG)
+    tr = play_episode(
+        episode_id="e6",
+        scenario_instance=inst,
+        persona=persona,
+        user_sim=user,
+        expert=FixedExpert(["fly_to_the_moon"]),
+        cs=ReplyCS([("ok", "chat")]),
+        judge=None,
+        cfg=CFG,
+    )
     assert tr.status == "error" and "outside the pool" in tr.error and tr.turns == ()
 
 
@@ -162,8 +225,17 @@ class _EchoClient:
 def test_single_agent_marker_and_action_parsing(persona, inst):
     client = _EchoClient("We are sorry! Here is a voucher for you.\nACTION: voucher")
     user = ScriptedUser([("complain", "angry", 2, False, ()), ("thank", "satisfied", 5, True, ())])
-    tr = play_episode(episode_id="e7", scenario_instance=inst, persona=persona, user_sim=user, expert=None,
-                      cs=OpenAIChatAgent(client, "m"), judge=FullJudge(), cfg=CFG, seed=1)
+    tr = play_episode(
+        episode_id="e7",
+        scenario_instance=inst,
+        persona=persona,
+        user_sim=user,
+        expert=None,
+        cs=OpenAIChatAgent(client, "m"),
+        judge=FullJudge(),
+        cfg=CFG,
+        seed=1,
+    )
     t = tr.turns[0]
     assert t.expert_skills == (SINGLE_AGENT_SKILL,) and t.cs_action == "voucher" and "ACTION" not in t.cs_reply
     assert t.rewards.w_expert == 0.0 and t.rewards.joint == t.rewards.r_cs and t.cost == 1.0
@@ -176,6 +248,15 @@ def _state_of(tr, inst):
     from simulator.state import DialogueState
 
     fam = inst.scenario
-    return DialogueState(episode_id="x", turn=1, family=inst.family, case_type=inst.case_type, user_utterance="hi",
-                         user_intent="greet", user_emotion="calm", skill_pool=fam.skills, action_tags=fam.action_tags,
-                         business_context=inst.business_context())
+    return DialogueState(
+        episode_id="x",
+        turn=1,
+        family=inst.family,
+        case_type=inst.case_type,
+        user_utterance="hi",
+        user_intent="greet",
+        user_emotion="calm",
+        skill_pool=fam.skills,
+        action_tags=fam.action_tags,
+        business_context=inst.business_context(),
+    )
