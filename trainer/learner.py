@@ -39,8 +39,8 @@ __all__ = ["Learner", "main"]
 
 PublishFn = Callable[[int, dict[str, Path]], Any]
 """publish(version, {"expert": dir, "cs": dir}): hands exported weights to the weight transport."""
-AnnounceFn = Callable[[int], Any]
-"""announce(version): tells the rollout side a new version is live (the `weights.updated` fanout)."""
+AnnounceFn = Callable[[int, dict[str, Path]], Any]
+"""announce(version, exported): tells the rollout side a new version is live (the `weights.updated` fanout)."""
 
 CRITIC_LR = 1e-3
 """Adam lr of the linear critic: a probe on frozen features, so far larger than the policies' lr is safe."""
@@ -464,7 +464,7 @@ class Learner:
         if self.publish is not None:
             self.publish(self.version, exported)
         if self.announce is not None:
-            self.announce(self.version)
+            self.announce(self.version, exported)
 
     @staticmethod
     def _prune(root: Path, prefix: str, keep: int) -> None:
@@ -611,21 +611,35 @@ def main(
 ) -> int:
     """Consume batches until the run budget (max_steps / max_minutes) ends; checkpoint on the way out.
 
-    Without injected parts it wires the defaults: batches from `gopo_online.stream.TrajectoryConsumer`, the
-    `WeightPublisher` of `gopo_online.serving.weights`, metrics to run_dir/learner_metrics.jsonl.
+    Injected parts win. Without a `source` it reads the broker (`cfg.broker.url`, or env GOPO_BROKER_URL when
+    the controller started an embedded broker): batches from `gopo_online.stream.TrajectoryConsumer`, acked only
+    after the step that used them succeeded, and `weights.updated` events through `WeightsAnnouncer`.
+    `publish` (the weight transport) is the controller's to inject: it knows the policy servers' URLs.
+    Metrics go to run_dir/learner_metrics.jsonl.
     """
-    learner = Learner(cfg, publish=publish, announce=announce)
+    closers: list[Callable[[], Any]] = []
+    ack: Callable[[], Any] = lambda: None  # noqa: E731
     if source is None:
-        source = _default_source(cfg)
-    if publish is None:
-        learner.publish = _default_publish(cfg)
-    metrics_path = cfg.run.run_dir / "learner_metrics.jsonl"
+        consumer, announcer = _stream_parts(cfg)
+        closers += [consumer.close, announcer.close]
+        source = _batches(consumer, cfg.learner.batch_episodes)
+        ack = consumer.ack
+        if announce is None:
+            transport = cfg.learner.finetune
+
+            def announce(version: int, exported: dict[str, Path]) -> None:
+                path = str(next(iter(exported.values())).parent)
+                announcer.announce(version, transport, path, {a: f"{a}-v{version}" for a in exported})
+
+    learner = Learner(cfg, publish=publish, announce=announce)
+    metrics_path = learner.run_dir / "learner_metrics.jsonl"
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    learner.setup()
     try:
+        learner.setup()
         for batch in source:
             metrics = learner.step(batch)
+            ack()
             with metrics_path.open("a") as f:
                 f.write(json.dumps({"time": time.time(), **metrics}) + "\n")
             if on_metrics is not None:
@@ -638,24 +652,26 @@ def main(
             learner.save_checkpoint()
     finally:
         learner.cleanup()
+        for close in closers:
+            close()
     return 0
 
 
-def _default_source(cfg: GopoConfig) -> Iterable[list[Trajectory]]:
-    try:
-        from gopo_online.stream import TrajectoryConsumer  # lazily: the stream module pulls in the broker client
-    except ImportError as e:
-        raise RuntimeError(
-            "gopo_online.stream.TrajectoryConsumer is not available; pass `source=` (an iterable of trajectory "
-            f"batches) to trainer.learner.main: {e}"
-        ) from e
-    consumer = TrajectoryConsumer.from_config(cfg)
-    return consumer.batches(cfg.learner.batch_episodes)
+def _stream_parts(cfg: GopoConfig):
+    # lazily: the stream module pulls in kombu and the broker client
+    from gopo_online.stream import TrajectoryConsumer, WeightsAnnouncer
+
+    url = cfg.broker.url or os.environ.get("GOPO_BROKER_URL")
+    if not url:
+        raise RuntimeError("the learner needs a broker: set broker.url or GOPO_BROKER_URL (or inject `source=`)")
+    return TrajectoryConsumer(url, cfg, auto_ack=False), WeightsAnnouncer(url, cfg)
 
 
-def _default_publish(cfg: GopoConfig) -> PublishFn | None:
-    try:
-        from gopo_online.serving.weights import WeightPublisher  # noqa: F401
-    except ImportError:
-        return None
-    return None  # TODO(stream/serving): wire WeightPublisher once its call shape is settled (see report)
+def _batches(consumer, batch_episodes: int, timeout_s: float = 5.0) -> Iterator[list[Trajectory]]:
+    """Full batches from the consumer, forever (the caller stops on its budget)."""
+    batch: list[Trajectory] = []
+    while True:
+        batch += consumer.get_batch(batch_episodes - len(batch), timeout_s)
+        if len(batch) >= batch_episodes:
+            yield batch
+            batch = []

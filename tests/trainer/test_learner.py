@@ -118,3 +118,26 @@ def test_lora_zero2_gae_step_and_stale_drop(tok, tmp_path):
         assert torch.isfinite(torch.tensor(m["loss/expert"]))
     finally:
         learner.cleanup()
+
+
+def test_main_loop_with_injected_parts(tok, tmp_path):
+    from trainer.learner import main
+
+    cfg = _cfg(tmp_path, "run.resume=false", "run.max_steps=1", "learner.checkpoint_every=100")
+    published, announced, seen = [], [], []
+    batches = iter([[make_trajectory(tok, 0, 1, version=0, seed=5)]] * 3)
+    assert (
+        main(
+            cfg,
+            source=batches,
+            publish=lambda v, e: published.append(v),
+            announce=lambda v, e: announced.append((v, sorted(e))),
+            on_metrics=seen.append,
+        )
+        == 0
+    )
+    assert len(seen) == 1  # max_steps = 1 stopped the loop
+    assert published == [0, 1] and announced == [(0, ["cs", "expert"]), (1, ["cs", "expert"])]
+    run_dir = cfg.run.run_dir
+    assert (run_dir / "learner_metrics.jsonl").read_text().count("\n") == 1
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step-00000001"  # written on the way out
