@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import functools
 import os
 import signal
 import socket
@@ -19,7 +20,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,6 +49,23 @@ def _cuda_available() -> bool:
     except ImportError:
         return False
     return bool(torch.cuda.is_available())
+
+
+def _die_with_parent_hook() -> Callable[[], object] | None:
+    """A preexec_fn that makes the server get SIGTERM when the process that started it dies, even by SIGKILL (atexit
+    hooks do not run then); vLLM's engine core follows its API server down by itself. Linux only, else None.
+
+    libc's prctl is looked up here, before the fork: the child must not import or load anything.
+    """
+    if sys.platform != "linux":
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return functools.partial(prctl, 1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
 
 
 def _stop_all_live() -> None:
@@ -224,6 +242,8 @@ class VLLMServer:
             stdin=subprocess.DEVNULL,
             env=self.environment(),
             start_new_session=True,  # own process group: stop() reaches the engine core child too
+            # PDEATHSIG fires when the spawning THREAD exits: only safe to arm from the main thread.
+            preexec_fn=_die_with_parent_hook() if threading.current_thread() is threading.main_thread() else None,
         )
         with _LIVE_LOCK:
             _LIVE.add(self)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from gopo_online.config import GopoConfig
-from gopo_online.serving.process import ServerError, VLLMServer, free_port, server_from_config
+from gopo_online.serving.process import ServerError, VLLMServer, _die_with_parent_hook, free_port, server_from_config
 
 
 def test_cpu_command_and_env():
@@ -79,3 +82,13 @@ def test_server_from_config(tmp_path, monkeypatch):
     cfg = GopoConfig.model_validate({"model": {"path": str(model)}})
     with pytest.raises(ValueError, match="no separate"):
         server_from_config(cfg, "simulator")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux only")
+def test_children_are_armed_to_die_with_the_parent():
+    # The child reads its own parent-death signal back (PR_GET_PDEATHSIG = 2).
+    code = "import ctypes; v = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(v)); print(v.value)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], preexec_fn=_die_with_parent_hook(), capture_output=True, text=True
+    )
+    assert out.stdout.strip() == str(int(signal.SIGTERM))
