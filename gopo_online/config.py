@@ -333,7 +333,8 @@ class GopoConfig(Section):
             raise ValueError("serving.weight_transport = 'lora' needs learner.finetune = 'lora' (no adapter to push)")
         if self.learner.finetune == "lora" and self.learner.lora_rank > self.serving.max_lora_rank:
             raise ValueError(
-                f"learner.lora_rank = {self.learner.lora_rank} exceeds serving.max_lora_rank = {self.serving.max_lora_rank}"
+                f"learner.lora_rank = {self.learner.lora_rank} exceeds "
+                f"serving.max_lora_rank = {self.serving.max_lora_rank}"
             )
         return self
 

@@ -693,6 +693,7 @@ def episode_event(
     )
     if traj.min_policy_version is not None:
         metrics["episode/policy_version"] = float(traj.min_policy_version)
+        metrics["episode/policy_version_max"] = float(traj.policy_versions[-1])
     payload: dict[str, Any] = {
         "episode_id": traj.episode_id,
         "persona_group": traj.persona_group,

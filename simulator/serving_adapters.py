@@ -4,6 +4,7 @@ dependencies here, so the two see the agents the same way."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from gopo_online.config import GopoConfig
@@ -27,13 +28,20 @@ def _history_text(state: DialogueState, k: int) -> str:
     return "\n".join(f"{'Customer' if r == 'user' else 'Agent'}: {t}" for r, t in state.last_k(k))
 
 
-class ServedExpert:
-    """`gopo_online.serving.agents.ExpertAgent` as an episode `Expert`."""
+Resolver = Callable[[], tuple[str, int]]
+"""() -> (model name, policy version) the server serves for an agent right now (asked before every request)."""
 
-    def __init__(self, agent: Any) -> None:
+
+class ServedExpert:
+    """`gopo_online.serving.agents.ExpertAgent` as an episode `Expert`. With `resolve`, every decision asks which
+    model/version is served at that moment, so a turn after a weight push uses, and records, the new version."""
+
+    def __init__(self, agent: Any, resolve: Resolver | None = None) -> None:
         self.agent = agent
+        self.resolve = resolve
 
     def decide(self, state: DialogueState) -> tuple[tuple[str, ...], Generation | None]:
+        model, version = self.resolve() if self.resolve is not None else (None, None)
         d = self.agent.decide(
             state.skill_pool,
             _history(state, self.agent.cfg.history_k),
@@ -41,6 +49,8 @@ class ServedExpert:
             state.user_emotion,
             state.prev_skills,
             seed=state.seed,
+            model=model,
+            policy_version=version,
         )
         return d.skills, d.generation
 
@@ -49,13 +59,13 @@ class ServedCS:
     """`gopo_online.serving.agents.CSAgent` as an episode `CS`; one agent per scenario family so the decoder's action
     tags are the family's."""
 
-    def __init__(self, client: Any, cfg: GopoConfig, policy_version: int = 0, model: str | None = None) -> None:
+    def __init__(self, client: Any, cfg: GopoConfig, policy_version: int = 0, resolve: Resolver | None = None) -> None:
         from gopo_online.serving.agents import CSAgent
 
         self.agents: dict[str, Any] = {}
-        model = model or cfg.model.served_name
+        self.resolve = resolve
         self._make = lambda tags: CSAgent(
-            client, model=model, policy_version=policy_version, cfg=cfg.agents.cs, default_actions=tags
+            client, model=cfg.model.served_name, policy_version=policy_version, cfg=cfg.agents.cs, default_actions=tags
         )
 
     def respond(self, state: DialogueState) -> tuple[str, str, Generation | None, Compliance | None]:
@@ -64,8 +74,15 @@ class ServedCS:
             agent = self.agents.setdefault(state.family, self._make(state.action_tags))
         fam = get_family(state.family)
         skills = [fam.skill(s) for s in state.expert_skills]
+        model, version = self.resolve() if self.resolve is not None else (None, None)
         r = agent.reply(
-            state.user_utterance, skills, state.business_context, _history(state, agent.cfg.history_k), seed=state.seed
+            state.user_utterance,
+            skills,
+            state.business_context,
+            _history(state, agent.cfg.history_k),
+            seed=state.seed,
+            model=model,
+            policy_version=version,
         )
         return r.reply, r.action, r.generation, r.compliance
 

@@ -20,9 +20,12 @@ touches the policies, so the policy losses stay exactly eq 7 / eq 9.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -609,27 +612,49 @@ def main(
     announce: AnnounceFn | None = None,
     on_metrics: Callable[[dict[str, float]], Any] | None = None,
 ) -> int:
-    """Consume batches until the run budget (max_steps / max_minutes) ends; checkpoint on the way out.
+    """Consume batches until the run budget (max_steps / max_minutes) or Ctrl-C; checkpoint on the way out.
 
     Injected parts win. Without a `source` it reads the broker (`cfg.broker.url`, or env GOPO_BROKER_URL when
     the controller started an embedded broker): batches from `gopo_online.stream.TrajectoryConsumer`, acked only
-    after the step that used them succeeded, and `weights.updated` events through `WeightsAnnouncer`.
-    `publish` (the weight transport) is the controller's to inject: it knows the policy servers' URLs.
-    Metrics go to run_dir/learner_metrics.jsonl.
+    after the step that used them succeeded; it announces `weights.updated` through `WeightsAnnouncer` and sends
+    learner/push events to the controller (events fanout). Without `publish`, and with `serving.policy.url` set,
+    weights go to the live policy server through `serving_publisher` (one LoRA adapter per agent).
+    Metrics also go to run_dir/learner_metrics.jsonl.
     """
     closers: list[Callable[[], Any]] = []
     ack: Callable[[], Any] = lambda: None  # noqa: E731
+    # SIGINT (the controller's stop, or Ctrl-C) lets the current step and its push finish, then checkpoints:
+    # an interrupt in the middle of an optimizer step would checkpoint half-updated weights.
+    stop_requested = False
+
+    def request_stop(signum: int, frame: Any) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    in_main = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
+    previous = signal.signal(signal.SIGINT, request_stop) if in_main else None
+    emit: Callable[..., Any] = lambda *a, **k: None  # noqa: E731
+    publishers = None
+    if publish is None and cfg.serving.policy.url:
+        publishers = serving_publishers(cfg, cfg.run.run_dir)
+        publish = ServingPush(publishers, cfg.serving.policy.url)
     if source is None:
-        consumer, announcer = _stream_parts(cfg)
-        closers += [consumer.close, announcer.close]
-        source = _batches(consumer, cfg.learner.batch_episodes)
+        consumer, announcer, events = _stream_parts(cfg)
+        closers += [consumer.close, announcer.close, events.close]
+        source = _batches(consumer, cfg.learner.batch_episodes, should_stop=lambda: stop_requested)
         ack = consumer.ack
+        emit = _safe_emit(events)
         if announce is None:
             transport = cfg.learner.finetune
 
             def announce(version: int, exported: dict[str, Path]) -> None:
                 path = str(next(iter(exported.values())).parent)
-                announcer.announce(version, transport, path, {a: f"{a}-v{version}" for a in exported})
+                served = {a: publishers[a].served_model(version) if publishers else f"{a}-v{version}" for a in exported}
+                announcer.announce(version, transport, path, served)
+                m = {"sys/policy_version": float(version)}
+                if isinstance(publish, ServingPush) and publish.last_latency_s is not None:
+                    m["sys/push_latency_s"] = publish.last_latency_s
+                emit("push", m, {"served": served}, step=version)
 
     learner = Learner(cfg, publish=publish, announce=announce)
     metrics_path = learner.run_dir / "learner_metrics.jsonl"
@@ -637,40 +662,133 @@ def main(
     t_start = time.time()
     try:
         learner.setup()
+        if publishers is not None:
+            _catch_up_with_registry(learner, publishers)
         for batch in source:
+            t_step = time.perf_counter()
             metrics = learner.step(batch)
             ack()
             with metrics_path.open("a") as f:
                 f.write(json.dumps({"time": time.time(), **metrics}) + "\n")
+            emit("learner", _dashboard_metrics(metrics, batch, time.perf_counter() - t_step), step=learner.global_step)
             if on_metrics is not None:
                 on_metrics(metrics)
             if cfg.run.max_steps is not None and learner.global_step >= cfg.run.max_steps:
                 break
             if cfg.run.max_minutes is not None and time.time() - t_start > 60 * cfg.run.max_minutes:
                 break
-        if learner.global_step:
-            learner.save_checkpoint()
+            if stop_requested:
+                learner.log("[learner] stop requested; writing a checkpoint")
+                break
     finally:
-        learner.cleanup()
-        for close in closers:
-            close()
+        try:
+            if learner.global_step and getattr(learner, "engines", None):
+                learner.save_checkpoint()
+        finally:
+            learner.cleanup()
+            for close in closers:
+                close()
+            if in_main:
+                signal.signal(signal.SIGINT, previous)
     return 0
+
+
+def serving_publishers(cfg: GopoConfig, run_dir: Path) -> dict[str, Any]:
+    """One `WeightPublisher` per agent: a LoRA adapter hot-loaded in place under the agent's name on the policy
+    server; each agent's version registry lives in run_dir/weights/serving/<agent> (the controller's refit reads
+    the same place)."""
+    from gopo_online.serving.weights import LoRATransport, WeightPublisher, admin_token
+
+    if cfg.serving.weight_transport != "lora" or cfg.learner.finetune != "lora":
+        raise NotImplementedError(
+            "the learner pushes to a live server as LoRA adapters (serving.weight_transport = learner.finetune = "
+            "'lora'); full weights of two policies would need two policy servers"
+        )
+    return {
+        a: WeightPublisher(
+            LoRATransport(served_name=cfg.model.served_name, adapter_name=a),
+            Path(run_dir) / "weights" / "serving" / a,
+            [cfg.serving.policy.url],
+            token=admin_token(cfg.serving),
+            timeout_s=cfg.serving.request_timeout_s,
+        )
+        for a in AGENTS
+    }
+
+
+class ServingPush:
+    """The learner's `publish` callback for the live policy server: each agent's adapter through its publisher."""
+
+    def __init__(self, publishers: dict[str, Any], server_url: str) -> None:
+        self.publishers = publishers
+        self.server_url = server_url
+        self.last_latency_s: float | None = None
+        """Write + push + version read-back of the last published version, both agents (seconds)."""
+
+    def __call__(self, version: int, exported: dict[str, Path]) -> None:
+        latency = 0.0
+        for agent, pub in self.publishers.items():
+            current = pub.registry.current_version()
+            if version > current:
+                r = pub.publish(version, adapter_dir=exported[agent])
+                latency += r.write_s + r.push_s
+            elif version == current and not pub.refit(self.server_url):
+                # setup() re-publishes what it holds: the server must serve exactly that (stale until refit)
+                raise RuntimeError(f"could not refit {self.server_url} to {agent} version {version}")
+            # version < current: the registry ran ahead of the last checkpoint; _catch_up_with_registry fixes it
+        self.last_latency_s = latency
+
+
+def _catch_up_with_registry(learner: Learner, publishers: dict[str, Any]) -> None:
+    """After a crash between a push and the next checkpoint the servers hold a newer version than the resumed
+    learner. Versions only move forward: publish the learner's weights as the next version."""
+    ahead = max(p.registry.current_version() for p in publishers.values())
+    if ahead > learner.version:
+        learner.log(f"[learner] registry at v{ahead} > checkpoint v{learner.version}: publishing as v{ahead + 1}")
+        learner.version = ahead + 1
+        learner._publish(learner.export_weights(learner.version))
+
+
+def _dashboard_metrics(m: dict[str, float], batch: list[Trajectory], wall_s: float) -> dict[str, float]:
+    """The learner event's metrics under the dashboard's keys (gopo_online.dashboard docstring), plus the rest."""
+    out = {k: float(v) for k, v in m.items() if isinstance(v, int | float) and math.isfinite(v)}
+    versions = [t.min_policy_version for t in batch if t.min_policy_version is not None]
+    if versions:
+        out["sys/trained_version"] = float(min(versions))
+    out["sys/policy_version"] = float(m.get("learner/version", 0))
+    out["sys/stale_dropped"] = float(m.get("learner/dropped_stale_total", 0))
+    if "learner/cost_lambda" in m:
+        out["loss/lambda"] = float(m["learner/cost_lambda"])
+    out["sys/step_wall_s"] = wall_s
+    return out
+
+
+def _safe_emit(events: Any) -> Callable[..., None]:
+    def emit(kind: str, metrics: dict[str, float], payload: dict[str, Any] | None = None, step: int = 0) -> None:
+        try:
+            events.emit(kind, metrics, payload, step=step)
+        except Exception as e:  # noqa: BLE001 - a lost dashboard sample must not stop training
+            print(f"[learner] could not send a {kind} event: {e!r}", flush=True)
+
+    return emit
 
 
 def _stream_parts(cfg: GopoConfig):
     # lazily: the stream module pulls in kombu and the broker client
-    from gopo_online.stream import TrajectoryConsumer, WeightsAnnouncer
+    from gopo_online.stream import EventPublisher, TrajectoryConsumer, WeightsAnnouncer
 
     url = cfg.broker.url or os.environ.get("GOPO_BROKER_URL")
     if not url:
         raise RuntimeError("the learner needs a broker: set broker.url or GOPO_BROKER_URL (or inject `source=`)")
-    return TrajectoryConsumer(url, cfg, auto_ack=False), WeightsAnnouncer(url, cfg)
+    return TrajectoryConsumer(url, cfg, auto_ack=False), WeightsAnnouncer(url, cfg), EventPublisher(url, cfg)
 
 
-def _batches(consumer, batch_episodes: int, timeout_s: float = 5.0) -> Iterator[list[Trajectory]]:
-    """Full batches from the consumer, forever (the caller stops on its budget)."""
+def _batches(
+    consumer, batch_episodes: int, timeout_s: float = 5.0, should_stop: Callable[[], bool] = lambda: False
+) -> Iterator[list[Trajectory]]:
+    """Full batches from the consumer until `should_stop()` (checked at least every `timeout_s`)."""
     batch: list[Trajectory] = []
-    while True:
+    while not should_stop():
         batch += consumer.get_batch(batch_episodes - len(batch), timeout_s)
         if len(batch) >= batch_episodes:
             yield batch

@@ -42,8 +42,10 @@ log = logging.getLogger("gopo.controller")
 AGENTS = ("expert", "cs")
 STATE_FILE = "controller.json"
 SYSTEM_EVERY_S = 2.0
-CHILD_GRACE_S = 60.0
-"""How long a child may take to stop after SIGINT (the learner writes a checkpoint) before it is killed."""
+LEARNER_GRACE_S = 120.0
+"""How long the learner may take to stop after SIGINT (it finishes its step and writes a checkpoint)."""
+WORKER_GRACE_S = 20.0
+"""How long a worker may take to finish its episodes after SIGINT before it is killed (the tasks are redelivered)."""
 
 
 @dataclass
@@ -70,12 +72,23 @@ class ControllerState:
         os.replace(tmp, path)
 
 
+def _kill_with_parent() -> Any:
+    """preexec_fn: the kernel SIGKILLs the child if the controller dies without stopping it (Linux). Normal stops
+    are graceful (`Child.stop`); this is the last resort, so a killed controller never leaves orphans behind."""
+    if sys.platform != "linux":
+        return None
+    import ctypes
+    import functools
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+    return functools.partial(prctl, 1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+
+
 class Child:
     """A `gopo-online <job>` child process with its log file; dies with the controller (PR_SET_PDEATHSIG)."""
 
-    def __init__(self, name: str, args: list[str], log_path: Path, env: dict[str, str]) -> None:
-        from gopo_online.broker import _die_with_parent
-
+    def __init__(self, name: str, args: list[str], log_path: Path, env: dict[str, str], grace_s: float) -> None:
+        self.grace_s = grace_s
         self.name = name
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +100,7 @@ class Child:
             stdin=subprocess.DEVNULL,
             env=env,
             start_new_session=True,  # Ctrl-C in the terminal reaches only the controller, which stops us in order
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only sets a prctl flag
+            preexec_fn=_kill_with_parent(),  # noqa: PLW1509 - only sets a prctl flag
         )
 
     def alive(self) -> bool:
@@ -100,10 +113,13 @@ class Child:
             return ""
         return "\n".join(lines[-n:])
 
-    def stop(self, grace_s: float = CHILD_GRACE_S) -> int | None:
-        """SIGINT (the learner checkpoints, a worker finishes warm shutdown), then SIGTERM, then SIGKILL."""
+    def stop(self) -> int | None:
+        """SIGINT (the learner checkpoints, a worker finishes warm shutdown), then SIGTERM, then SIGKILL.
+
+        A worker killed mid-episode loses nothing: its task was not acked, so the broker hands it out again.
+        """
         if self.alive():
-            for sig, wait in ((signal.SIGINT, grace_s), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            for sig, wait in ((signal.SIGINT, self.grace_s), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, sig)
                 try:
@@ -218,13 +234,15 @@ def train(
 
     def on_sigint(signum: int, frame: Any) -> None:
         nonlocal interrupted
-        if interrupted:  # second Ctrl-C: stop waiting for children to shut down nicely
+        if interrupted:  # second Ctrl-C / SIGTERM: stop waiting for children to shut down nicely
             raise KeyboardInterrupt
         interrupted = True
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    # SIGTERM (kill, docker stop, systemd) takes the same orderly path as Ctrl-C.
+    previous = {sig: signal.signal(sig, on_sigint) for sig in (signal.SIGINT, signal.SIGTERM)}
     with contextlib.ExitStack() as stack:
-        stack.callback(signal.signal, signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            stack.callback(signal.signal, sig, handler)
         stack.callback(metrics.close)
         # -- 1. broker
         if cfg.broker.url:
@@ -272,41 +290,74 @@ def train(
         version = _refit(cfg, policy_root, run_dir)
         print(f"[train] policy server serves version {version}", flush=True)
 
-        # -- 3. learner and workers
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "GOPO_BROKER_URL": url}
-        cli_args = (["-c", str(config_path)] if config_path else []) + [a for o in child_sets for a in ("--set", o)]
-        children: list[Child] = []
-        if spawn:
-            children.append(Child("learner", ["learner", *cli_args], logs / "learner.log", env))
-            for i in range(cfg.workers.count):
-                children.append(Child(f"worker-{i}", ["worker", *cli_args], logs / f"worker-{i}.log", env))
-        for child in reversed(children):
-            stack.callback(child.stop)
-
-        # -- 4. dispatch, follow events, show
+        # -- 3. events first, so the listener outlives the children and hears their last events (final drain)
         from gopo_online.stream import EventListener, queue_depth
 
         events = EventListener(url, cfg, role="controller").start()
         stack.callback(events.stop)
-        celery = _celery_client(cfg, url)
-        dispatcher = Dispatcher(cfg)
         in_flight: dict[str, float] = {}  # episode id -> deadline
         deadline_s = cfg.workers.episode_timeout_s * (cfg.workers.max_retries + 1) + 120.0
-        started = time.time()
-        last_system = 0.0
         learner_step = 0
         tokens: deque[tuple[float, float]] = deque(maxlen=512)
-        dashboard.start()
-        stack.callback(dashboard.stop)
 
         def record(kind: str, m: dict[str, float], payload: dict[str, Any] | None = None, step: int = 0) -> None:
             event = metrics.log(step, m, kind, payload)
             dashboard.feed(event)
 
+        def handle_events() -> None:
+            nonlocal learner_step, version
+            for ev in events.drain():
+                payload = ev.payload or {}
+                if ev.kind == "episode":
+                    eid = payload.get("episode_id")
+                    if eid in in_flight:
+                        del in_flight[eid]
+                        state.finished += 1
+                        if payload.get("status") == "error":
+                            state.errors += 1
+                    tokens.append((ev.time, ev.metrics.get("episode/tokens", 0.0)))
+                elif ev.kind == "learner":
+                    learner_step = max(learner_step, ev.step)
+                elif ev.kind == "push":
+                    version = int(ev.metrics.get("sys/policy_version", version))
+                record(ev.kind, dict(ev.metrics), payload or None, ev.step)
+
+        def final_drain() -> None:
+            """After the children stopped: log what they said last (the learner's final step and push), then
+            leave the dashboard's last frame in run_dir/dashboard.txt."""
+            time.sleep(0.5)
+            handle_events()
+            state.save(state_path)
+            (run_dir / "dashboard.txt").write_text(dashboard.snapshot_text())
+
+        stack.callback(final_drain)
+
+        # -- 4. learner and workers
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "GOPO_BROKER_URL": url}
+        cli_args = (["-c", str(config_path)] if config_path else []) + [a for o in child_sets for a in ("--set", o)]
+        children: list[Child] = []
+        if spawn:
+            children.append(Child("learner", ["learner", *cli_args], logs / "learner.log", env, LEARNER_GRACE_S))
+            for i in range(cfg.workers.count):
+                children.append(
+                    Child(f"worker-{i}", ["worker", *cli_args], logs / f"worker-{i}.log", env, WORKER_GRACE_S)
+                )
+        for child in reversed(children):
+            stack.callback(child.stop)
+
+        # -- 5. dispatch, follow events, show
+        celery = _celery_client(cfg, url)
+        dispatcher = Dispatcher(cfg)
+        started = time.time()
+        last_system = 0.0
+        dashboard.start()
+        stack.callback(dashboard.stop)
+
         def budget_done() -> str | None:
             if cfg.run.max_episodes is not None and state.finished >= cfg.run.max_episodes:
                 return f"max_episodes={cfg.run.max_episodes} reached"
-            if cfg.run.max_steps is not None and learner_step >= cfg.run.max_steps:
+            if cfg.run.max_steps is not None and learner_step >= cfg.run.max_steps and not children:
+                # With a learner child, it stops itself at max_steps after its checkpoint: wait for its exit below.
                 return f"max_steps={cfg.run.max_steps} reached"
             if cfg.run.max_minutes is not None and time.time() - started > 60 * cfg.run.max_minutes:
                 return f"max_minutes={cfg.run.max_minutes} reached"
@@ -316,11 +367,15 @@ def train(
         try:
             while True:
                 if interrupted:
-                    stop_reason = "interrupted (Ctrl-C)"
+                    stop_reason = "interrupted (Ctrl-C / SIGTERM)"
                     break
                 reason = budget_done()
                 if reason:
                     stop_reason = reason
+                    break
+                finished_child = next((c for c in children if not c.alive() and c.proc.returncode == 0), None)
+                if finished_child is not None and finished_child.name == "learner":
+                    stop_reason = "the learner finished its budget"
                     break
                 for child in children:
                     if not child.alive():
@@ -328,22 +383,7 @@ def train(
                             f"{child.name} exited with code {child.proc.returncode}; last lines of "
                             f"{child.log_path}:\n{child.log_tail()}"
                         )
-                # events from workers (episodes) and the learner (steps, pushes)
-                for ev in events.drain():
-                    payload = ev.payload or {}
-                    if ev.kind == "episode":
-                        eid = payload.get("episode_id")
-                        if eid in in_flight:
-                            del in_flight[eid]
-                            state.finished += 1
-                            if payload.get("status") == "error":
-                                state.errors += 1
-                        tokens.append((ev.time, ev.metrics.get("episode/tokens", 0.0)))
-                    elif ev.kind == "learner":
-                        learner_step = max(learner_step, ev.step)
-                    elif ev.kind == "push":
-                        version = int(ev.metrics.get("sys/policy_version", version))
-                    record(ev.kind, dict(ev.metrics), payload or None, ev.step)
+                handle_events()  # episodes from workers, steps and pushes from the learner
                 # episodes whose event never came (worker killed, event lost): count them, free the slot
                 now = time.time()
                 for eid, dl in list(in_flight.items()):
@@ -396,8 +436,6 @@ def train(
         finally:
             state.runs[-1].update(stopped_at=time.time(), reason=stop_reason, finished=state.finished)
             state.save(state_path)
-            text = dashboard.snapshot_text()
-            (run_dir / "dashboard.txt").write_text(text)
         print(f"[train] stopping: {stop_reason}; shutting down workers, learner (checkpoint), servers …", flush=True)
     print(
         f"[train] done: {state.finished} episodes ({state.errors} errors, {state.lost} lost) in {run_dir}: "

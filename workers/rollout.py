@@ -72,9 +72,6 @@ class EpisodeDeps:
     judge: Any
     extra: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for play_episode (e.g. teacher, tse_source)."""
-    make_agents: Callable[[], tuple[Any, Any]] | None = None
-    """When set, called at the start of EVERY episode for (expert, cs): the served policy version can change
-    between episodes (weight pushes), and each episode must use, and record, the version it really sampled."""
 
 
 def policy_versions(cfg: GopoConfig, root_url: str) -> dict[str, tuple[str, int]]:
@@ -121,8 +118,9 @@ def _sim_backend(cfg: GopoConfig, policy_client: Any) -> tuple[Any, str, str, bo
 def default_deps(ctx: WorkerContext) -> EpisodeDeps:
     """The served agents, simulator and judge of the config (built once per worker process).
 
-    The policy server is `serving.policy.url` (the controller passes it with --set). Agents are rebuilt per
-    episode (`make_agents`) with the model names and version the server serves at that moment.
+    The policy server is `serving.policy.url` (the controller passes it with --set). Before every agent request
+    the agents ask the server which adapter version it serves (`policy_versions`), so each turn records the
+    version that really produced it, also when a weight push lands mid-episode.
     """
     from gopo_online.serving.agents import ExpertAgent
     from gopo_online.serving.client import client_from_config
@@ -142,16 +140,14 @@ def default_deps(ctx: WorkerContext) -> EpisodeDeps:
     user_sim = UserSimulator.from_config(cfg.simulator, sim_client, sim_model, structured=structured)
     judge = judge_or_none(cfg, sim_client, sim_model, vllm=sim_vllm)
 
-    def make_agents() -> tuple[Any, Any]:
-        served = policy_versions(cfg, root)
-        (e_model, e_version), (c_model, c_version) = served["expert"], served["cs"]
-        expert = ServedExpert(
-            ExpertAgent(policy_client, model=e_model, policy_version=e_version, cfg=cfg.agents.expert)
-        )
-        cs = ServedCS(policy_client, cfg, c_version, model=c_model)
-        return expert, cs
+    def resolver(agent: str) -> Callable[[], tuple[str, int]]:
+        return lambda: policy_versions(cfg, root)[agent]
 
-    return EpisodeDeps(user_sim=user_sim, expert=None, cs=None, judge=judge, make_agents=make_agents)
+    expert = ServedExpert(ExpertAgent(policy_client, model=cfg.model.served_name, cfg=cfg.agents.expert),
+                          resolve=resolver("expert"))  # fmt: skip
+    cs = ServedCS(policy_client, cfg, resolve=resolver("cs"))
+
+    return EpisodeDeps(user_sim=user_sim, expert=expert, cs=cs, judge=judge)
 
 
 def _rollout_type() -> Callable[[EpisodeRequest, WorkerContext], Trajectory]:
@@ -243,14 +239,13 @@ def rollout(request: EpisodeRequest, ctx: WorkerContext) -> Trajectory:
         request.scenario_id, seed=request.seed or 0, demand=persona.extrinsic_demand, case_type=request.case_type
     )
     deps = ctx.get_deps()
-    expert, cs = deps.make_agents() if deps.make_agents is not None else (deps.expert, deps.cs)
     return play_episode(
         episode_id=request.episode_id,
         scenario_instance=instance,
         persona=persona,
         user_sim=deps.user_sim,
-        expert=expert,
-        cs=cs,
+        expert=deps.expert,
+        cs=deps.cs,
         judge=deps.judge,
         cfg=ctx.cfg,
         seed=request.seed or 0,

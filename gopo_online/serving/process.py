@@ -52,8 +52,11 @@ def _cuda_available() -> bool:
 
 
 def _die_with_parent_hook() -> Callable[[], object] | None:
-    """A preexec_fn that makes the server get SIGTERM when the process that started it dies, even by SIGKILL (atexit
+    """A preexec_fn that makes the server get SIGKILL when the process that started it dies, even by SIGKILL (atexit
     hooks do not run then); vLLM's engine core follows its API server down by itself. Linux only, else None.
+
+    SIGKILL, not SIGTERM: on SIGTERM the API server shuts down gracefully and waits for open requests, and an
+    orphaned rollout worker can keep one open for minutes (seen: both orphans still alive after a minute).
 
     libc's prctl is looked up here, before the fork: the child must not import or load anything.
     """
@@ -65,7 +68,7 @@ def _die_with_parent_hook() -> Callable[[], object] | None:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
         return None
-    return functools.partial(prctl, 1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+    return functools.partial(prctl, 1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
 
 
 def _stop_all_live() -> None:

@@ -91,4 +91,4 @@ def test_children_are_armed_to_die_with_the_parent():
     out = subprocess.run(
         [sys.executable, "-c", code], preexec_fn=_die_with_parent_hook(), capture_output=True, text=True
     )
-    assert out.stdout.strip() == str(int(signal.SIGTERM))
+    assert out.stdout.strip() == str(int(signal.SIGKILL))
