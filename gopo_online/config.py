@@ -167,6 +167,9 @@ class JudgeConfig(Section):
     """Completion budget of one judgement."""
     retries: int = Field(default=1, ge=0)
     """Re-asks after an unparsable judgement before it is marked failed."""
+    scoring: Literal["expected", "sampled"] = "expected"
+    """vLLM judges: "expected" = G-Eval style probability-weighted score over the digit tokens the judge could have
+    written (continuous, informative even from a small judge); "sampled" = the numbers in its answer."""
 
     @model_validator(mode="after")
     def _weights(self) -> JudgeConfig:

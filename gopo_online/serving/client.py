@@ -41,6 +41,10 @@ class ChatResult:
     """Wall-clock seconds of the successful request (retries not included)."""
     temperature: float = 0.0
     usage: dict[str, int] = field(default_factory=dict)
+    tokens: tuple[str, ...] = ()
+    """Text of each sampled token (only when `top_logprobs` was asked for)."""
+    top_logprobs: tuple[dict[str, float], ...] = ()
+    """Per sampled position: candidate token text -> raw logprob (after the grammar mask), when asked for."""
 
     def to_generation(self, policy_version: int) -> Generation:
         """The wire record the trajectory carries; requires token ids (a vLLM backend)."""
@@ -99,6 +103,7 @@ class ChatClient:
         structured: Mapping[str, Any] | None = None,
         stop: Sequence[str] | None = None,
         top_p: float | None = None,
+        top_logprobs: int = 0,
     ) -> ChatResult:
         """One completion. `structured` is vLLM's `structured_outputs` dict, e.g. `{"grammar": ...}`,
         `{"regex": ...}`, `{"choice": [...]}` or `{"json": schema}` (`guided_json` is ignored by vLLM 0.32)."""
@@ -116,7 +121,7 @@ class ChatClient:
             kwargs["top_p"] = top_p
         if self.vllm:
             kwargs["logprobs"] = True
-            kwargs["top_logprobs"] = 0
+            kwargs["top_logprobs"] = top_logprobs
             extra: dict[str, Any] = {"return_token_ids": True}
             if structured:
                 extra["structured_outputs"] = dict(structured)
@@ -130,7 +135,7 @@ class ChatClient:
                 "json_schema": {"name": "answer", "schema": structured["json"]},
             }
         resp, latency = self._create(kwargs)
-        return self._result(resp, model, temperature, latency)
+        return self._result(resp, model, temperature, latency, with_top=top_logprobs > 0)
 
     def _create(self, kwargs: dict[str, Any]) -> tuple[Any, float]:
         import openai
@@ -159,7 +164,7 @@ class ChatClient:
         ) from last
 
     @staticmethod
-    def _result(resp: Any, model: str, temperature: float, latency: float) -> ChatResult:
+    def _result(resp: Any, model: str, temperature: float, latency: float, with_top: bool = False) -> ChatResult:
         choice = resp.choices[0]
         text = choice.message.content or ""
         token_ids = getattr(choice, "token_ids", None) or ()
@@ -169,6 +174,11 @@ class ChatClient:
             # vLLM reports -inf for a token the sampler forced through a mask with zero probability; clamp so the
             # record stays finite JSON (the learner treats very negative values as "off-policy, clip").
             logprobs = tuple(max(float(t.logprob), -1e4) for t in choice.logprobs.content)
+        tokens: tuple[str, ...] = ()
+        top: tuple[dict[str, float], ...] = ()
+        if with_top and choice.logprobs is not None and choice.logprobs.content is not None:
+            tokens = tuple(t.token for t in choice.logprobs.content)
+            top = tuple({c.token: float(c.logprob) for c in (t.top_logprobs or [])} for t in choice.logprobs.content)
         usage = {}
         if resp.usage is not None:
             usage = {"prompt_tokens": resp.usage.prompt_tokens, "completion_tokens": resp.usage.completion_tokens}
@@ -182,6 +192,8 @@ class ChatClient:
             latency_s=latency,
             temperature=temperature,
             usage=usage,
+            tokens=tokens,
+            top_logprobs=top,
         )
 
     def close(self) -> None:

@@ -207,6 +207,56 @@ def judge_schema(dimensions: Sequence[str], principles: Sequence[str]) -> dict[s
     }
 
 
+EXPECTED_MAX = 9
+"""Expected scoring asks for one digit 1..9 per rubric dimension (one token each), and 0/1/2 per principle."""
+
+
+def judge_regex(dimensions: Sequence[str], principles: Sequence[str]) -> str:
+    """Answer format of expected scoring: one `name=D` line per dimension (D in 1-9), then per principle (0-2)."""
+    lines = [f"{re.escape(d)}=[1-{EXPECTED_MAX}]" for d in dimensions]
+    lines += [f"{re.escape(p)}=[0-2]" for p in principles]
+    return "\n".join(lines)
+
+
+def expected_digit(top: Mapping[str, float], allowed: Sequence[int]) -> float | None:
+    """Probability-weighted digit over the candidates at one position (G-Eval): sum_d p(d) * d / sum_d p(d).
+
+    Candidates are grouped by their first character (a token may be "7" or "7\n"); disallowed ones are ignored,
+    and the weights are renormalised over the allowed digits. None when no allowed digit is among the candidates.
+    """
+    mass: dict[int, float] = {}
+    for token, lp in top.items():
+        head = token.strip()[:1]
+        if head.isdigit() and int(head) in allowed and math.isfinite(lp):
+            mass[int(head)] = mass.get(int(head), 0.0) + math.exp(lp)
+    total = sum(mass.values())
+    if total <= 0.0:
+        return None
+    return sum(d * p for d, p in mass.items()) / total
+
+
+def parse_expected(result: Any, dimensions: Sequence[str], principles: Sequence[str]) -> JudgeScores:
+    """Expected scores from a regex-constrained answer and its per-position top logprobs (`judge_regex` format).
+
+    The k-th digit written right after a '=' belongs to the k-th name of dimensions + principles. Rubric scores are
+    mapped to [0, 1] as (E - 1) / 8; principles as E / 2, snapped to {0, 0.5, 1} (InteractCS eq 6 is discrete).
+    """
+    names = [*dimensions, *principles]
+    values: list[float] = []
+    text = ""
+    for token, top in zip(result.tokens, result.top_logprobs, strict=False):
+        if text.endswith("=") and token.strip()[:1].isdigit() and len(values) < len(names):
+            allowed = range(1, EXPECTED_MAX + 1) if len(values) < len(dimensions) else range(0, 3)
+            e = expected_digit(top, list(allowed))
+            values.append(float(token.strip()[0]) if e is None else e)
+        text += token
+    if len(values) != len(names):
+        raise JudgeParseError(f"expected {len(names)} scores in the judge answer, found {len(values)}: {text[:200]!r}")
+    scores = {d: (v - 1.0) / (EXPECTED_MAX - 1.0) for d, v in zip(dimensions, values, strict=False)}
+    verdicts = {p: snap_principle(v / 2.0) for p, v in zip(principles, values[len(dimensions) :], strict=True)}
+    return JudgeScores(scores=scores, principles=verdicts, raw=result.text, ok=True)
+
+
 class Judge:
     """Scores one CS reply. `structured=True` constrains the answer with the JSON schema (vLLM backends).
 
@@ -244,7 +294,10 @@ class Judge:
         skills: Sequence[Skill] = (),
         context: Mapping[str, Any] | None = None,
         history: str = "",
+        expected: bool = False,
     ) -> list[dict[str, str]]:
+        if expected:
+            return self._expected_messages(utterance, reply, action, skills, context, history)
         dims = "\n".join(f"- {d}: {DIMENSION_HELP.get(d, d.replace('_', ' '))}" for d in self.dimensions)
         prins = "\n".join(f"- {p}: {DIMENSION_HELP.get(p, p.replace('_', ' '))}" for p in self.principles)
         skill_text = "\n".join(f"- {s.name}: {s.description}" for s in skills) or "(none)"
@@ -267,6 +320,31 @@ class Judge:
         )
         return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
 
+    def _expected_messages(
+        self,
+        utterance: str,
+        reply: str,
+        action: str,
+        skills: Sequence[Skill],
+        context: Mapping[str, Any] | None,
+        history: str,
+    ) -> list[dict[str, str]]:
+        dims = "\n".join(f"- {d}: {DIMENSION_HELP.get(d, d.replace('_', ' '))}" for d in self.dimensions)
+        prins = "\n".join(f"- {p}: {DIMENSION_HELP.get(p, p.replace('_', ' '))}" for p in self.principles)
+        skill_text = "\n".join(f"- {s.name}: {s.description}" for s in skills) or "(none)"
+        user = (
+            f"Conversation so far:\n{history or '(start)'}\n\nCustomer: {utterance}\n\n"
+            f"Skills the agent had to follow:\n{skill_text}\n\n"
+            f"Business context:\n{format_context(context or {})}\n\n"
+            f"Agent action: {action}\nAgent reply: {reply}\n\n"
+            f"Grade each dimension with one digit from 1 (very bad) to {EXPECTED_MAX} (excellent):\n{dims}\n\n"
+            f"Grade each principle 0 (violated), 1 (partly met) or 2 (met):\n{prins}\n\n"
+            "Answer one line per item, as name=digit, in the order listed."
+        )
+        return [{"role": "system", "content": JUDGE_SYSTEM.replace("Answer with one JSON object and nothing else.",
+                                                                    "Answer in the requested format only.")},
+                {"role": "user", "content": user}]  # fmt: skip
+
     def score(
         self,
         utterance: str,
@@ -282,6 +360,8 @@ class Judge:
 
         A client failure (server down) propagates as ClientError: it is not the judge's verdict.
         """
+        if self.structured and self.cfg.scoring == "expected":
+            return self._score_expected(utterance, reply, action, skills, context, history, seed=seed)
         msgs = self.messages(utterance, reply, action, skills, context, history)
         structured = None
         if self.structured:
@@ -306,5 +386,40 @@ class Judge:
                 errors.append(f"attempt {attempt + 1}: {e}")
                 continue
             # Keep every raw answer (the failed ones too), in order, so a repaired verdict can be audited.
+            return verdict.model_copy(update={"raw": "\n---\n".join(raws)})
+        return JudgeScores(ok=False, error="; ".join(errors), raw="\n---\n".join(raws))
+
+    def _score_expected(
+        self,
+        utterance: str,
+        reply: str,
+        action: str,
+        skills: Sequence[Skill],
+        context: Mapping[str, Any] | None,
+        history: str,
+        *,
+        seed: int | None,
+    ) -> JudgeScores:
+        """G-Eval style: the answer is forced into `name=D` lines, and each score is the expectation of the digit
+        under the judge's own distribution at that position (top logprobs, after the grammar mask)."""
+        msgs = self.messages(utterance, reply, action, skills, context, history, expected=True)
+        raws: list[str] = []
+        errors: list[str] = []
+        for attempt in range(self.cfg.retries + 1):
+            result = self.client.chat(
+                msgs,
+                model=self.model,
+                temperature=self.cfg.temperature,
+                max_tokens=self.cfg.max_tokens,
+                seed=None if seed is None else seed + attempt,
+                structured={"regex": judge_regex(self.dimensions, self.principles)},
+                top_logprobs=EXPECTED_MAX + 1,
+            )
+            raws.append(result.text)
+            try:
+                verdict = parse_expected(result, self.dimensions, self.principles)
+            except JudgeParseError as e:
+                errors.append(f"attempt {attempt + 1}: {e}")
+                continue
             return verdict.model_copy(update={"raw": "\n---\n".join(raws)})
         return JudgeScores(ok=False, error="; ".join(errors), raw="\n---\n".join(raws))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from gopo_online.serving.client import ChatResult
 from gopo_online.serving.judge import (
     Judge,
     JudgeParseError,
+    expected_digit,
+    judge_regex,
     judge_schema,
     normalise_score,
     parse_judgement,
@@ -109,6 +112,7 @@ def _cfg(retries: int) -> JudgeConfig:
         gre_dimensions=DIMS[4:],
         principles={p: 1.0 for p in PRINS},
         retries=retries,
+        scoring="sampled",
     )
 
 
@@ -134,3 +138,50 @@ def test_prompt_lists_every_dimension_and_principle():
     text = judge.messages("u", "r", "chat")[1]["content"]
     for name in DIMS + PRINS:
         assert f'"{name}"' in text
+
+
+# ----------------------------------------------------------------------------- expected (G-Eval) scoring
+
+
+class TopReplay:
+    """A backend answering in the `name=D` format with per-position candidate logprobs."""
+
+    def __init__(self, tokens, tops):
+        self.tokens, self.tops = tokens, tops
+        self.calls = []
+
+    def chat(self, messages, *, model, temperature, max_tokens, seed=None, structured=None, top_logprobs=0):
+        self.calls.append({"structured": structured, "top_logprobs": top_logprobs})
+        return ChatResult(text="".join(self.tokens), model=model, tokens=tuple(self.tokens),
+                          top_logprobs=tuple(self.tops))  # fmt: skip
+
+
+def test_expected_digit_is_the_probability_weighted_mean():
+    # p(3) = 0.5, p(5) = 0.25, p(9) = 0.25 -> 1.5 + 1.25 + 2.25 = 5.0; "x" and the disallowed "0" are ignored
+    top = {"3": math.log(0.5), "5\n": math.log(0.25), "9": math.log(0.25), "x": math.log(0.9), "0": 0.0}
+    assert expected_digit(top, list(range(1, 10))) == pytest.approx(5.0)
+    # renormalised over what is allowed: p(1)=0.1, p(2)=0.3 -> (0.1*1 + 0.3*2) / 0.4 = 1.75
+    assert expected_digit({"1": math.log(0.1), "2": math.log(0.3)}, [0, 1, 2]) == pytest.approx(1.75)
+    assert expected_digit({"a": 0.0}, [1, 2]) is None
+
+
+def test_expected_scoring_reads_every_digit_position():
+    dims, prins = ["quality", "empathy"], ["logic"]
+    cfg = JudgeConfig(dimensions={d: 1.0 for d in dims}, gre_dimensions=[], principles={"logic": 1.0})
+    tokens = ["quality", "=", "7", "\n", "empathy", "=", "1", "\n", "logic", "=", "2"]
+    tops = [{}] * len(tokens)
+    tops[2] = {"7": math.log(0.5), "9": math.log(0.5)}  # E = 8 -> (8 - 1) / 8 = 0.875
+    tops[6] = {"1": 0.0}  # certain 1 -> 0.0
+    tops[10] = {"2": math.log(0.75), "1": math.log(0.25)}  # E = 1.75 -> 0.875 -> snapped to 1.0 (nearest of 0/.5/1)
+    backend = TopReplay(tokens, tops)
+    v = Judge(backend, model="j", cfg=cfg).score("u", "r", "chat")
+    assert v.ok and v.scores == {"quality": pytest.approx(0.875), "empathy": 0.0} and v.principles == {"logic": 1.0}
+    assert backend.calls[0]["top_logprobs"] >= 9
+    assert backend.calls[0]["structured"] == {"regex": judge_regex(dims, prins)}
+
+
+def test_expected_scoring_with_missing_positions_is_marked_failed():
+    cfg = JudgeConfig(dimensions={"quality": 1.0}, gre_dimensions=[], principles={"logic": 1.0}, retries=1)
+    backend = TopReplay(["quality", "=", "7"], [{}, {}, {"7": 0.0}])
+    v = Judge(backend, model="j", cfg=cfg).score("u", "r", "chat")
+    assert not v.ok and v.scores == {} and "found 1" in v.error and len(backend.calls) == 2
