@@ -212,9 +212,10 @@ EXPECTED_MAX = 9
 
 
 def judge_regex(dimensions: Sequence[str], principles: Sequence[str]) -> str:
-    """Answer format of expected scoring: one `name=D` line per dimension (D in 1-9), then per principle (0-2)."""
-    lines = [f"{re.escape(d)}=[1-{EXPECTED_MAX}]" for d in dimensions]
-    lines += [f"{re.escape(p)}=[0-2]" for p in principles]
+    """Answer format of expected scoring: one `k=D` line per item, numbered as the prompt lists them (D in 1-9 for
+    dimensions, 0-2 for principles). Numbers, not names: forced name tokens still cost a decode step each."""
+    lines = [f"{i}=[1-{EXPECTED_MAX}]" for i in range(1, len(dimensions) + 1)]
+    lines += [f"{i}=[0-2]" for i in range(len(dimensions) + 1, len(dimensions) + len(principles) + 1)]
     return "\n".join(lines)
 
 
@@ -238,7 +239,7 @@ def expected_digit(top: Mapping[str, float], allowed: Sequence[int]) -> float | 
 def parse_expected(result: Any, dimensions: Sequence[str], principles: Sequence[str]) -> JudgeScores:
     """Expected scores from a regex-constrained answer and its per-position top logprobs (`judge_regex` format).
 
-    The k-th digit written right after a '=' belongs to the k-th name of dimensions + principles. Rubric scores are
+    The k-th digit written right after a '=' belongs to the k-th item of dimensions + principles. Rubric scores are
     mapped to [0, 1] as (E - 1) / 8; principles as E / 2, snapped to {0, 0.5, 1} (InteractCS eq 6 is discrete).
     """
     names = [*dimensions, *principles]
@@ -329,8 +330,13 @@ class Judge:
         context: Mapping[str, Any] | None,
         history: str,
     ) -> list[dict[str, str]]:
-        dims = "\n".join(f"- {d}: {DIMENSION_HELP.get(d, d.replace('_', ' '))}" for d in self.dimensions)
-        prins = "\n".join(f"- {p}: {DIMENSION_HELP.get(p, p.replace('_', ' '))}" for p in self.principles)
+        n = len(self.dimensions)
+        dims = "\n".join(
+            f"{i}. {d}: {DIMENSION_HELP.get(d, d.replace('_', ' '))}" for i, d in enumerate(self.dimensions, 1)
+        )
+        prins = "\n".join(
+            f"{i}. {p}: {DIMENSION_HELP.get(p, p.replace('_', ' '))}" for i, p in enumerate(self.principles, n + 1)
+        )
         skill_text = "\n".join(f"- {s.name}: {s.description}" for s in skills) or "(none)"
         user = (
             f"Conversation so far:\n{history or '(start)'}\n\nCustomer: {utterance}\n\n"
@@ -339,7 +345,7 @@ class Judge:
             f"Agent action: {action}\nAgent reply: {reply}\n\n"
             f"Grade each dimension with one digit from 1 (very bad) to {EXPECTED_MAX} (excellent):\n{dims}\n\n"
             f"Grade each principle 0 (violated), 1 (partly met) or 2 (met):\n{prins}\n\n"
-            "Answer one line per item, as name=digit, in the order listed."
+            "Answer one line per item, as number=digit, in the order listed."
         )
         return [{"role": "system", "content": JUDGE_SYSTEM.replace("Answer with one JSON object and nothing else.",
                                                                     "Answer in the requested format only.")},

@@ -168,7 +168,7 @@ def test_expected_digit_is_the_probability_weighted_mean():
 def test_expected_scoring_reads_every_digit_position():
     dims, prins = ["quality", "empathy"], ["logic"]
     cfg = JudgeConfig(dimensions={d: 1.0 for d in dims}, gre_dimensions=[], principles={"logic": 1.0})
-    tokens = ["quality", "=", "7", "\n", "empathy", "=", "1", "\n", "logic", "=", "2"]
+    tokens = ["1", "=", "7", "\n", "2", "=", "1", "\n", "3", "=", "2"]
     tops = [{}] * len(tokens)
     tops[2] = {"7": math.log(0.5), "9": math.log(0.5)}  # E = 8 -> (8 - 1) / 8 = 0.875
     tops[6] = {"1": 0.0}  # certain 1 -> 0.0
@@ -182,6 +182,6 @@ def test_expected_scoring_reads_every_digit_position():
 
 def test_expected_scoring_with_missing_positions_is_marked_failed():
     cfg = JudgeConfig(dimensions={"quality": 1.0}, gre_dimensions=[], principles={"logic": 1.0}, retries=1)
-    backend = TopReplay(["quality", "=", "7"], [{}, {}, {"7": 0.0}])
+    backend = TopReplay(["1", "=", "7"], [{}, {}, {"7": 0.0}])
     v = Judge(backend, model="j", cfg=cfg).score("u", "r", "chat")
     assert not v.ok and v.scores == {} and "found 1" in v.error and len(backend.calls) == 2
