@@ -1,6 +1,6 @@
 """A weight push on a REAL vLLM server changes what it serves, and the server reports the new version.
 
-One server per transport (module-scoped), the default SmolLM2-135M model. Full reload: version N negates
+One module-scoped server with both transports enabled, the default SmolLM2-135M model. Full reload: version N negates
 the tied embedding / lm_head rows of the greedy first tokens seen so far, so greedy decoding must pick
 another token — a deterministic change. LoRA: random adapters with nonzero B.
 """
@@ -44,17 +44,21 @@ def _server(model_dir: Path, tmp: Path, **kw):
 
 
 @pytest.fixture(scope="module")
-def full_server(model_dir, tmp_path_factory):
-    srv = _server(model_dir, tmp_path_factory.mktemp("full"), dev_mode=True)
+def server(model_dir, tmp_path_factory):
+    """ONE server with both admin surfaces (dev-mode reload and LoRA hot-load): a vLLM start costs ~40 s of CI."""
+    srv = _server(model_dir, tmp_path_factory.mktemp("srv"), dev_mode=True, enable_lora=True, max_lora_rank=16)
     with srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
-def lora_server(model_dir, tmp_path_factory):
-    srv = _server(model_dir, tmp_path_factory.mktemp("lora"), enable_lora=True, max_lora_rank=16)
-    with srv:
-        yield srv
+def full_server(server):
+    return server
+
+
+@pytest.fixture(scope="module")
+def lora_server(server):
+    return server
 
 
 def test_full_reload_changes_greedy_output_and_version(full_server, model_dir, tmp_path) -> None:
