@@ -62,7 +62,7 @@ BENCHES: dict[str, str] = {
     "broker": "gopo_online.bench_parts:bench_broker",
     "vllm": "gopo_online.bench_parts:bench_vllm",
     "push": "gopo_online.bench_parts:bench_push",
-    "learner": "gopo_online.bench_parts:bench_learner",
+    "learner": "trainer.bench:bench_learner",
 }
 """Benchmark name -> `module:function(cfg) -> list[Row]`, imported only when run."""
 

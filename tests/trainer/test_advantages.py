@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import make_trajectory
 
 from gopo_online import rewards as R
 from gopo_online.config import RewardsConfig
 from trainer.advantages import compute_advantages, episode_groups, turn_signals
+from trainer.synthetic import make_trajectory
 
 RC = RewardsConfig()
 

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_trajectory
 
 from gopo_online.types import Trajectory
 from trainer.collate import collate, drop_errors, split_fresh
+from trainer.synthetic import make_trajectory
 
 
 def test_split_fresh_counts_stale(fake_tok):

@@ -7,7 +7,8 @@ import os
 
 import pytest
 import torch
-from conftest import make_trajectory
+
+from trainer.synthetic import make_trajectory
 
 pytestmark = pytest.mark.slow
 torch.set_num_threads(1)
