@@ -62,6 +62,12 @@ def _init_single_process_dist() -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    # DeepSpeed's CPU backend JIT-loads its shared-memory allreduce op at init, through ninja: fast when the cached
+    # build is current, but ninja sometimes rebuilds it, and on 2 busy cores that took 4 minutes of the learner's
+    # start (seen in the loop test). One process has no collective to speed up: skip the op.
+    import deepspeed.comm.torch as ds_torch_comm
+
+    ds_torch_comm.build_shm_op = lambda: None
 
 
 def ds_config(cfg: GopoConfig, bf16: bool) -> dict[str, Any]:
@@ -266,6 +272,9 @@ class Learner:
         self.dropped_stale_total += dropped
         m.update({"learner/dropped_stale": dropped, "learner/dropped_stale_total": self.dropped_stale_total})
         m.update({"learner/error_episodes": n_err, "learner/episodes": len(ok), "learner/version": self.version})
+        trained = [t.min_policy_version for t in ok if t.min_policy_version is not None]
+        if trained:
+            m["learner/trained_version"] = min(trained)  # oldest policy version this update learns from
         col = collate(ok, lc.micro_batch_turns, self.pad_id)
         for a in AGENTS:
             m[f"learner/rows_{a}"] = col.n_rows[a]
@@ -666,11 +675,15 @@ def main(
             _catch_up_with_registry(learner, publishers)
         for batch in source:
             t_step = time.perf_counter()
+            step_before = learner.global_step
             metrics = learner.step(batch)
             ack()
             with metrics_path.open("a") as f:
                 f.write(json.dumps({"time": time.time(), **metrics}) + "\n")
-            emit("learner", _dashboard_metrics(metrics, batch, time.perf_counter() - t_step), step=learner.global_step)
+            if learner.global_step > step_before:
+                emit("learner", _dashboard_metrics(metrics, time.perf_counter() - t_step), step=learner.global_step)
+            else:  # nothing fresh in the batch (all stale or failed): no update, but the drop counts are news
+                emit("system", {"sys/stale_dropped": float(metrics.get("learner/dropped_stale_total", 0))})
             if on_metrics is not None:
                 on_metrics(metrics)
             if cfg.run.max_steps is not None and learner.global_step >= cfg.run.max_steps:
@@ -749,12 +762,11 @@ def _catch_up_with_registry(learner: Learner, publishers: dict[str, Any]) -> Non
         learner._publish(learner.export_weights(learner.version))
 
 
-def _dashboard_metrics(m: dict[str, float], batch: list[Trajectory], wall_s: float) -> dict[str, float]:
+def _dashboard_metrics(m: dict[str, float], wall_s: float) -> dict[str, float]:
     """The learner event's metrics under the dashboard's keys (gopo_online.dashboard docstring), plus the rest."""
     out = {k: float(v) for k, v in m.items() if isinstance(v, int | float) and math.isfinite(v)}
-    versions = [t.min_policy_version for t in batch if t.min_policy_version is not None]
-    if versions:
-        out["sys/trained_version"] = float(min(versions))
+    if "learner/trained_version" in m:
+        out["sys/trained_version"] = float(m["learner/trained_version"])
     out["sys/policy_version"] = float(m.get("learner/version", 0))
     out["sys/stale_dropped"] = float(m.get("learner/dropped_stale_total", 0))
     if "learner/cost_lambda" in m:

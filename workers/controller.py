@@ -350,6 +350,10 @@ def train(
         dispatcher = Dispatcher(cfg)
         started = time.time()
         last_system = 0.0
+        queued_trajectories = 0
+        # Trajectories waiting for the learner beyond this many would age past max_staleness before it reaches
+        # them (each step consumes batch_episodes and bumps the version): dispatching more only burns compute.
+        max_queued = cfg.learner.batch_episodes * (cfg.learner.max_staleness + 1)
         dashboard.start()
         stack.callback(dashboard.stop)
 
@@ -392,11 +396,13 @@ def train(
                         state.lost += 1
                         record("error", {}, {"error": f"episode {eid}: no result within {deadline_s:.0f}s",
                                              "source": "controller"})  # fmt: skip
-                # dispatch up to the in-flight bound (and never past the episode budget)
+                # dispatch up to the in-flight bound (and never past the episode budget); hold back while the
+                # learner's queue already holds more than it can train on before those trajectories go stale
                 budget_left = (
                     cfg.run.max_episodes - state.finished - len(in_flight) if cfg.run.max_episodes else 1 << 30
                 )
-                while len(in_flight) < cfg.workers.max_in_flight and budget_left > 0:
+                backlog_full = queued_trajectories >= max_queued
+                while len(in_flight) < cfg.workers.max_in_flight and budget_left > 0 and not backlog_full:
                     req = dispatcher.request(state.next_episode, version)
                     celery.send_task(
                         "gopo.run_episode",
@@ -412,6 +418,7 @@ def train(
                 if now - last_system >= SYSTEM_EVERY_S:
                     last_system = now
                     depth = queue_depth(url, cfg)
+                    queued_trajectories = depth["trajectory"]
                     recent = [n for t, n in tokens if now - t <= 60.0]
                     record(
                         "system",
