@@ -214,6 +214,7 @@ def train(
     from gopo_online.metrics_log import MetricsLogger
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per admin request would scroll the console
     if cfg.serving.weight_transport != "lora":
         raise SystemExit(
             "gopo-online train serves the Expert and CS policies as LoRA adapters on one server: "
