@@ -564,7 +564,7 @@ def distill_personas(
     Each log is a string or a list of {"role", "content"} turns. The reply is parsed with the simulator's JSON
     repair and validated against `Persona`; anything invalid becomes a `DistillFailure` with the raw text.
     `structured=True` asks a vLLM backend for schema-constrained output (`structured_outputs`, DESIGN §5)."""
-    from simulator.jsonrepair import parse_json_object
+    from gopo_online.jsonrepair import parse_json_object
 
     levels = "; ".join(f"{d}: {', '.join(v)}" for d, v in _LEVELS.items())
     personas: list[Persona] = []

@@ -8,7 +8,7 @@ one JSON object. Small models write bad JSON, so:
    (`structured_outputs.json`) let SmolLM2 fill the whitespace xgrammar admits until max_tokens ran out (3 of 12
    recorded outputs truncated, tests/simulator/fixtures); the regex admits no free whitespace. Against other
    endpoints use `structured="json"` (`ChatClient(vllm=False)` sends it as `response_format`);
-2. the text is repaired (`simulator.jsonrepair`: fences, first {...}, quotes, trailing commas, unclosed braces) and
+2. the text is repaired (`gopo_online.jsonrepair`: fences, first {...}, quotes, trailing commas, unclosed braces) and
    normalised (satisfaction coerced to an int and clamped to 1-5, "true"/"false" strings to booleans, unknown task
    ids dropped) — every change is listed in `UserTurn.repairs`;
 3. a reply that still lacks a required field is re-asked with a new seed, at most `json_retries` times;
@@ -28,8 +28,8 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
+from gopo_online.jsonrepair import JSONRepairError, parse_json_object
 from gopo_online.types import UserTurnMeta
-from simulator.jsonrepair import JSONRepairError, parse_json_object
 from simulator.personas import Persona
 from simulator.scenarios import TASK_IDS, ScenarioInstance
 from simulator.state import EMOTIONS, INTENTS

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gopo_online.config import JudgeConfig
+from gopo_online.jsonrepair import JSONRepairError, parse_json_object
 from gopo_online.types import JudgeScores, Skill
 
 from .agents import ChatBackend, format_context
@@ -45,50 +46,6 @@ DIMENSION_HELP = {
 
 class JudgeParseError(ValueError):
     """A judge answer that could not be repaired into a full verdict."""
-
-
-def _strip_fences(text: str) -> str:
-    text = text.strip()
-    m = re.search(r"```(?:json|JSON)?\s*(.*?)```", text, re.DOTALL)
-    return m.group(1).strip() if m else text
-
-
-def _first_object(text: str) -> str | None:
-    """The first balanced {...} in text (string-aware), or None."""
-    start = text.find("{")
-    while start != -1:
-        depth, in_str, esc = 0, False, False
-        for i in range(start, len(text)):
-            ch = text[i]
-            if in_str:
-                if esc:
-                    esc = False
-                elif ch == "\\":
-                    esc = True
-                elif ch == '"':
-                    in_str = False
-            elif ch == '"':
-                in_str = True
-            elif ch == "{":
-                depth += 1
-            elif ch == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[start : i + 1]
-        start = text.find("{", start + 1)
-    return None
-
-
-def _loads_lenient(obj: str) -> Any:
-    try:
-        return json.loads(obj)
-    except json.JSONDecodeError:
-        pass
-    # Common small-model slips: single quotes, trailing commas, unquoted keys.
-    fixed = re.sub(r",\s*([}\]])", r"\1", obj)
-    fixed = re.sub(r"'([^'\"]*)'", r'"\1"', fixed)
-    fixed = re.sub(r"([{,]\s*)([A-Za-z_][A-Za-z0-9_]*)\s*:", r'\1"\2":', fixed)
-    return json.loads(fixed)
 
 
 def _number(value: Any) -> float | None:
@@ -149,15 +106,11 @@ def parse_judgement(text: str, dimensions: Sequence[str], principles: Sequence[s
 
     Accepts the nested form `{"scores": {...}, "principles": {...}}` and a flat object holding every key.
     """
-    obj = _first_object(_strip_fences(text))
-    if obj is None:
-        raise JudgeParseError(f"no JSON object in the judge answer: {text[:200]!r}")
     try:
-        data = _loads_lenient(obj)
-    except json.JSONDecodeError as e:
-        raise JudgeParseError(f"judge JSON does not parse ({e}): {obj[:200]!r}") from None
-    if not isinstance(data, dict):
-        raise JudgeParseError(f"judge JSON is not an object: {obj[:200]!r}")
+        data = parse_json_object(text)  # the same repair the user simulator's answers get
+    except JSONRepairError as e:
+        raise JudgeParseError(f"judge answer: {e}") from None
+    obj = json.dumps(data)
     score_src = _find(data, "scores")
     if not isinstance(score_src, Mapping):
         score_src = _find(data, "score")  # seen from SmolLM2: {"score": {"quality": "1", ...}}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from simulator.jsonrepair import JSONRepairError, parse_json_object
+from gopo_online.jsonrepair import JSONRepairError, parse_json_object
 from simulator.personas import load_personas
 from simulator.scenarios import sample_instance
 from simulator.user import (
