@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import atexit
 import collections
-import ctypes
 import fcntl
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -26,6 +24,8 @@ from typing import TYPE_CHECKING
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from gopo_online.procutil import die_with_parent, free_port
 
 if TYPE_CHECKING:
     from gopo_online.config import GopoConfig
@@ -52,25 +52,6 @@ def redis_server_path() -> Path:
         # Some installers drop the executable bit from package data.
         path.chmod(path.stat().st_mode | 0o111)
     return path
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: ask the kernel to SIGTERM the child when the parent dies (Linux only; elsewhere atexit only).
-
-    The signal fires when the *thread* that forked exits, so start the broker from a long-lived thread
-    (the main thread in practice).
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 def _stop_all_live() -> None:
@@ -192,7 +173,7 @@ class EmbeddedRedis:
             attempts = 1 if self._port_fixed else 3
             for attempt in range(attempts):
                 if not self._port_fixed:
-                    self.port = _free_port()
+                    self.port = free_port()
                 try:
                     self._spawn_and_wait()
                     return self
@@ -211,7 +192,7 @@ class EmbeddedRedis:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only sets a prctl flag, no locks taken
+            preexec_fn=die_with_parent(signal.SIGTERM),  # noqa: PLW1509 - only sets a prctl flag, no locks taken
             close_fds=True,
         )
         with _LIVE_LOCK:

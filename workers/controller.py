@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from gopo_online.config import GopoConfig
+from gopo_online.procutil import die_with_parent
 
 log = logging.getLogger("gopo.controller")
 
@@ -72,18 +73,6 @@ class ControllerState:
         os.replace(tmp, path)
 
 
-def _kill_with_parent() -> Any:
-    """preexec_fn: the kernel SIGKILLs the child if the controller dies without stopping it (Linux). Normal stops
-    are graceful (`Child.stop`); this is the last resort, so a killed controller never leaves orphans behind."""
-    if sys.platform != "linux":
-        return None
-    import ctypes
-    import functools
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
-    return functools.partial(prctl, 1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
-
-
 class Child:
     """A `gopo-online <job>` child process with its log file; dies with the controller (PR_SET_PDEATHSIG)."""
 
@@ -100,7 +89,7 @@ class Child:
             stdin=subprocess.DEVNULL,
             env=env,
             start_new_session=True,  # Ctrl-C in the terminal reaches only the controller, which stops us in order
-            preexec_fn=_kill_with_parent(),  # noqa: PLW1509 - only sets a prctl flag
+            preexec_fn=die_with_parent(signal.SIGKILL),  # noqa: PLW1509 - last resort; Child.stop is the normal path
         )
 
     def alive(self) -> bool:

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import atexit
 import collections
-import functools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,9 +18,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from gopo_online.procutil import die_with_parent, free_port
 
 if TYPE_CHECKING:
     from gopo_online.config import GopoConfig, ServerConfig
@@ -36,13 +36,6 @@ class ServerError(RuntimeError):
     """A vLLM server failed to start or died; the message carries the tail of its log."""
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on `host` right now (the OS picks it; a small race with other processes remains)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def _cuda_available() -> bool:
     try:
         import torch  # lazy: `gopo-online --help` must not pay for torch
@@ -51,24 +44,10 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def _die_with_parent_hook() -> Callable[[], object] | None:
-    """A preexec_fn that makes the server get SIGKILL when the process that started it dies, even by SIGKILL (atexit
-    hooks do not run then); vLLM's engine core follows its API server down by itself. Linux only, else None.
-
-    SIGKILL, not SIGTERM: on SIGTERM the API server shuts down gracefully and waits for open requests, and an
-    orphaned rollout worker can keep one open for minutes (seen: both orphans still alive after a minute).
-
-    libc's prctl is looked up here, before the fork: the child must not import or load anything.
-    """
-    if sys.platform != "linux":
-        return None
-    try:
-        import ctypes
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return functools.partial(prctl, 1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+# SIGKILL, not SIGTERM, when the parent dies: on SIGTERM the API server shuts down gracefully and waits for open
+# requests, and an orphaned rollout worker can keep one open for minutes (seen: both orphans alive after a minute).
+# vLLM's engine core follows its API server down by itself.
+_PARENT_DEATH_SIGNAL = signal.SIGKILL
 
 
 def _stop_all_live() -> None:
@@ -246,7 +225,11 @@ class VLLMServer:
             env=self.environment(),
             start_new_session=True,  # own process group: stop() reaches the engine core child too
             # PDEATHSIG fires when the spawning THREAD exits: only safe to arm from the main thread.
-            preexec_fn=_die_with_parent_hook() if threading.current_thread() is threading.main_thread() else None,
+            preexec_fn=(
+                die_with_parent(_PARENT_DEATH_SIGNAL)
+                if threading.current_thread() is threading.main_thread()
+                else None
+            ),
         )
         with _LIVE_LOCK:
             _LIVE.add(self)

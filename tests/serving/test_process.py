@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from gopo_online.config import GopoConfig
-from gopo_online.serving.process import ServerError, VLLMServer, _die_with_parent_hook, free_port, server_from_config
+from gopo_online.procutil import die_with_parent
+from gopo_online.serving.process import _PARENT_DEATH_SIGNAL, ServerError, VLLMServer, free_port, server_from_config
 
 
 def test_cpu_command_and_env():
@@ -89,6 +90,6 @@ def test_children_are_armed_to_die_with_the_parent():
     # The child reads its own parent-death signal back (PR_GET_PDEATHSIG = 2).
     code = "import ctypes; v = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(v)); print(v.value)"
     out = subprocess.run(
-        [sys.executable, "-c", code], preexec_fn=_die_with_parent_hook(), capture_output=True, text=True
+        [sys.executable, "-c", code], preexec_fn=die_with_parent(_PARENT_DEATH_SIGNAL), capture_output=True, text=True
     )
     assert out.stdout.strip() == str(int(signal.SIGKILL))
