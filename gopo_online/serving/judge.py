@@ -250,59 +250,43 @@ class Judge:
         history: str = "",
         expected: bool = False,
     ) -> list[dict[str, str]]:
+        """The judge prompt: the case, then the rubric in the answer format of the scoring mode."""
+        skill_text = "\n".join(f"- {s.name}: {s.description}" for s in skills) or "(none)"
+        case = (
+            f"Conversation so far:\n{history or '(start)'}\n\nCustomer: {utterance}\n\n"
+            f"Skills the agent had to follow:\n{skill_text}\n\n"
+            f"Business context:\n{format_context(context or {})}\n\n"
+            f"Agent action: {action}\nAgent reply: {reply}\n\n"
+        )
         if expected:
-            return self._expected_messages(utterance, reply, action, skills, context, history)
-        dims = "\n".join(f"- {d}: {DIMENSION_HELP.get(d, d.replace('_', ' '))}" for d in self.dimensions)
-        prins = "\n".join(f"- {p}: {DIMENSION_HELP.get(p, p.replace('_', ' '))}" for p in self.principles)
-        skill_text = "\n".join(f"- {s.name}: {s.description}" for s in skills) or "(none)"
-        # Placeholders, not numbers: a small judge copies example numbers verbatim (seen with SmolLM2: all 7s).
-        example = (
-            '{"scores": {'
-            + ", ".join(f'"{d}": <{SCORE_MIN}-{SCORE_MAX}>' for d in self.dimensions)
-            + '}, "principles": {'
-            + ", ".join(f'"{p}": <0|0.5|1>' for p in self.principles)
-            + "}}"
-        )
-        user = (
-            f"Conversation so far:\n{history or '(start)'}\n\nCustomer: {utterance}\n\n"
-            f"Skills the agent had to follow:\n{skill_text}\n\n"
-            f"Business context:\n{format_context(context or {})}\n\n"
-            f"Agent action: {action}\nAgent reply: {reply}\n\n"
-            f"Score each dimension from {SCORE_MIN} (very bad) to {SCORE_MAX} (excellent):\n{dims}\n\n"
-            f"Rate each principle 0 (violated), 0.5 (partly met) or 1 (met):\n{prins}\n\n"
-            f"Answer with JSON only, in exactly this form:\n{example}"
-        )
-        return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
-
-    def _expected_messages(
-        self,
-        utterance: str,
-        reply: str,
-        action: str,
-        skills: Sequence[Skill],
-        context: Mapping[str, Any] | None,
-        history: str,
-    ) -> list[dict[str, str]]:
-        n = len(self.dimensions)
-        dims = "\n".join(
-            f"{i}. {d}: {DIMENSION_HELP.get(d, d.replace('_', ' '))}" for i, d in enumerate(self.dimensions, 1)
-        )
-        prins = "\n".join(
-            f"{i}. {p}: {DIMENSION_HELP.get(p, p.replace('_', ' '))}" for i, p in enumerate(self.principles, n + 1)
-        )
-        skill_text = "\n".join(f"- {s.name}: {s.description}" for s in skills) or "(none)"
-        user = (
-            f"Conversation so far:\n{history or '(start)'}\n\nCustomer: {utterance}\n\n"
-            f"Skills the agent had to follow:\n{skill_text}\n\n"
-            f"Business context:\n{format_context(context or {})}\n\n"
-            f"Agent action: {action}\nAgent reply: {reply}\n\n"
-            f"Grade each dimension with one digit from 1 (very bad) to {EXPECTED_MAX} (excellent):\n{dims}\n\n"
-            f"Grade each principle 0 (violated), 1 (partly met) or 2 (met):\n{prins}\n\n"
-            "Answer one line per item, as number=digit, in the order listed."
-        )
-        return [{"role": "system", "content": JUDGE_SYSTEM.replace("Answer with one JSON object and nothing else.",
-                                                                    "Answer in the requested format only.")},
-                {"role": "user", "content": user}]  # fmt: skip
+            items = list(enumerate([*self.dimensions, *self.principles], 1))
+            n = len(self.dimensions)
+            dims = "\n".join(f"{i}. {d}: {_help(d)}" for i, d in items[:n])
+            prins = "\n".join(f"{i}. {p}: {_help(p)}" for i, p in items[n:])
+            rubric = (
+                f"Grade each dimension with one digit from 1 (very bad) to {EXPECTED_MAX} (excellent):\n{dims}\n\n"
+                f"Grade each principle 0 (violated), 1 (partly met) or 2 (met):\n{prins}\n\n"
+                "Answer one line per item, as number=digit, in the order listed."
+            )
+            system = JUDGE_SYSTEM.replace("Answer with one JSON object and nothing else.", "Answer as asked.")
+        else:
+            dims = "\n".join(f"- {d}: {_help(d)}" for d in self.dimensions)
+            prins = "\n".join(f"- {p}: {_help(p)}" for p in self.principles)
+            # Placeholders, not numbers: a small judge copies example numbers verbatim (seen with SmolLM2: all 7s).
+            example = (
+                '{"scores": {'
+                + ", ".join(f'"{d}": <{SCORE_MIN}-{SCORE_MAX}>' for d in self.dimensions)
+                + '}, "principles": {'
+                + ", ".join(f'"{p}": <0|0.5|1>' for p in self.principles)
+                + "}}"
+            )
+            rubric = (
+                f"Score each dimension from {SCORE_MIN} (very bad) to {SCORE_MAX} (excellent):\n{dims}\n\n"
+                f"Rate each principle 0 (violated), 0.5 (partly met) or 1 (met):\n{prins}\n\n"
+                f"Answer with JSON only, in exactly this form:\n{example}"
+            )
+            system = JUDGE_SYSTEM
+        return [{"role": "system", "content": system}, {"role": "user", "content": case + rubric}]
 
     def score(
         self,
@@ -317,30 +301,41 @@ class Judge:
     ) -> JudgeScores:
         """The verdict, or JudgeScores(ok=False, error=...) after 1 + cfg.retries unparsable answers.
 
+        On vLLM with `scoring = "expected"` (G-Eval): the answer is forced into numbered `k=D` lines and each score
+        is the expectation of the digit under the judge's own distribution at that position (top logprobs, after
+        the grammar mask). Otherwise the answer is JSON (schema-constrained on vLLM), repaired and parsed.
         A client failure (server down) propagates as ClientError: it is not the judge's verdict.
         """
-        if self.structured and self.cfg.scoring == "expected":
-            return self._score_expected(utterance, reply, action, skills, context, history, seed=seed)
-        msgs = self.messages(utterance, reply, action, skills, context, history)
-        structured = None
-        if self.structured:
-            schema = judge_schema(self.dimensions, self.principles)
-            structured = {"json": schema, "disable_any_whitespace": True}
+        expected = self.structured and self.cfg.scoring == "expected"
+        msgs = self.messages(utterance, reply, action, skills, context, history, expected=expected)
+        request: dict[str, Any] = {}
+        if expected:
+            request = {
+                "structured": {"regex": judge_regex(self.dimensions, self.principles)},
+                "top_logprobs": EXPECTED_MAX + 1,
+            }
+        elif self.structured:
+            request = {"structured": {"json": judge_schema(self.dimensions, self.principles),
+                                      "disable_any_whitespace": True}}  # fmt: skip
         raws: list[str] = []
         errors: list[str] = []
         for attempt in range(self.cfg.retries + 1):
             result = self.client.chat(
                 msgs,
                 model=self.model,
-                # A greedy re-ask would repeat the same bad answer: sample on retries.
+                # A greedy re-ask would repeat the same bad answer: sample on retries (the expected score reads the
+                # distribution, which the sampling temperature does not change).
                 temperature=self.cfg.temperature if attempt == 0 else max(self.cfg.temperature, 0.7),
                 max_tokens=self.cfg.max_tokens,
                 seed=None if seed is None else seed + attempt,
-                structured=structured,
+                **request,
             )
             raws.append(result.text)
             try:
-                verdict = parse_judgement(result.text, self.dimensions, self.principles)
+                if expected:
+                    verdict = parse_expected(result, self.dimensions, self.principles)
+                else:
+                    verdict = parse_judgement(result.text, self.dimensions, self.principles)
             except JudgeParseError as e:
                 errors.append(f"attempt {attempt + 1}: {e}")
                 continue
@@ -348,37 +343,6 @@ class Judge:
             return verdict.model_copy(update={"raw": "\n---\n".join(raws)})
         return JudgeScores(ok=False, error="; ".join(errors), raw="\n---\n".join(raws))
 
-    def _score_expected(
-        self,
-        utterance: str,
-        reply: str,
-        action: str,
-        skills: Sequence[Skill],
-        context: Mapping[str, Any] | None,
-        history: str,
-        *,
-        seed: int | None,
-    ) -> JudgeScores:
-        """G-Eval style: the answer is forced into `name=D` lines, and each score is the expectation of the digit
-        under the judge's own distribution at that position (top logprobs, after the grammar mask)."""
-        msgs = self.messages(utterance, reply, action, skills, context, history, expected=True)
-        raws: list[str] = []
-        errors: list[str] = []
-        for attempt in range(self.cfg.retries + 1):
-            result = self.client.chat(
-                msgs,
-                model=self.model,
-                temperature=self.cfg.temperature,
-                max_tokens=self.cfg.max_tokens,
-                seed=None if seed is None else seed + attempt,
-                structured={"regex": judge_regex(self.dimensions, self.principles)},
-                top_logprobs=EXPECTED_MAX + 1,
-            )
-            raws.append(result.text)
-            try:
-                verdict = parse_expected(result, self.dimensions, self.principles)
-            except JudgeParseError as e:
-                errors.append(f"attempt {attempt + 1}: {e}")
-                continue
-            return verdict.model_copy(update={"raw": "\n---\n".join(raws)})
-        return JudgeScores(ok=False, error="; ".join(errors), raw="\n---\n".join(raws))
+
+def _help(name: str) -> str:
+    return DIMENSION_HELP.get(name, name.replace("_", " "))
