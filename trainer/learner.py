@@ -65,9 +65,13 @@ def _init_single_process_dist() -> None:
     # DeepSpeed's CPU backend JIT-loads its shared-memory allreduce op at init, through ninja: fast when the cached
     # build is current, but ninja sometimes rebuilds it, and on 2 busy cores that took 4 minutes of the learner's
     # start (seen in the loop test). One process has no collective to speed up: skip the op.
-    import deepspeed.comm.torch as ds_torch_comm
+    # `import deepspeed.comm.torch as m` would bind the real `torch` (deepspeed.comm's namespace shadows the
+    # submodule), so patch the submodule through sys.modules.
+    import importlib
+    import sys
 
-    ds_torch_comm.build_shm_op = lambda: None
+    importlib.import_module("deepspeed.comm.torch")
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
 def ds_config(cfg: GopoConfig, bf16: bool) -> dict[str, Any]:
