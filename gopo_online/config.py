@@ -117,8 +117,8 @@ class ExpertConfig(Section):
     """Longest skill sequence the grammar admits (gopo caps at 5)."""
     temperature: float = Field(default=1.0, ge=0)
     """Sampling temperature of the Expert."""
-    max_tokens: int = Field(default=64, ge=8)
-    """Completion budget of one Expert decision."""
+    max_tokens: int = Field(default=128, ge=8)
+    """Completion budget of one Expert decision (5 long skill names exceeded 64 tokens in a 30-min run)."""
 
 
 class CSConfig(Section):
@@ -184,8 +184,9 @@ class BrokerConfig(Section):
     """Broker URL (redis://… or amqp://…); None starts the embedded Redis."""
     embedded_port: int | None = Field(default=None, ge=1, le=65535)
     """Port of the embedded Redis; None picks a free one."""
-    visibility_timeout_s: float = Field(default=300.0, gt=0)
-    """Redis: an unacked message is redelivered after this long (the Redis default of 1 h hides it)."""
+    visibility_timeout_s: float = Field(default=900.0, gt=0)
+    """Redis: an unacked message is redelivered after this long (the Redis default of 1 h hides it). Keep it above
+    workers.episode_timeout_s: a 2-core box took 5-8 min per episode at 8 in flight, and 300 s replayed episodes."""
     trajectory_queue: str = "gopo.trajectories"
     """Durable queue of finished trajectories."""
     dead_letter_queue: str = "gopo.dead_letter"
