@@ -10,13 +10,11 @@ keeps two servers from sharing one data directory.
 
 from __future__ import annotations
 
-import atexit
 import collections
 import fcntl
 import os
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,13 +23,12 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from gopo_online.procutil import die_with_parent, free_port
+from gopo_online.procutil import LiveChildren, die_with_parent, free_port
 
 if TYPE_CHECKING:
     from gopo_online.config import GopoConfig
 
-_LIVE: set[EmbeddedRedis] = set()
-_LIVE_LOCK = threading.Lock()
+_LIVE = LiveChildren(stop_timeout_s=5.0)
 _PR_SET_PDEATHSIG = 1
 
 
@@ -53,15 +50,6 @@ def redis_server_path() -> Path:
         path.chmod(path.stat().st_mode | 0o111)
     return path
 
-
-def _stop_all_live() -> None:
-    with _LIVE_LOCK:
-        servers = list(_LIVE)
-    for server in servers:
-        server.stop(timeout=5.0)
-
-
-atexit.register(_stop_all_live)
 
 
 class EmbeddedRedis:
@@ -195,8 +183,7 @@ class EmbeddedRedis:
             preexec_fn=die_with_parent(signal.SIGTERM),  # noqa: PLW1509 - only sets a prctl flag, no locks taken
             close_fds=True,
         )
-        with _LIVE_LOCK:
-            _LIVE.add(self)
+        _LIVE.add(self)
         deadline = t0 + self.startup_timeout_s
         client = self.client(timeout_s=1.0, retries=0)
         try:
@@ -256,8 +243,7 @@ class EmbeddedRedis:
                     proc.kill()
                     proc.wait(timeout=5.0)
             self._proc = None
-        with _LIVE_LOCK:
-            _LIVE.discard(self)
+        _LIVE.discard(self)
 
     def log_tail(self, n: int = 30) -> str:
         if not self.log_path.is_file():

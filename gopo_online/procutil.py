@@ -34,3 +34,31 @@ def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], object] | None:
     except (OSError, AttributeError):
         return None
     return functools.partial(prctl, _PR_SET_PDEATHSIG, int(sig))
+
+
+class LiveChildren:
+    """The children of one kind that are running now, stopped by an atexit hook if the program exits without
+    stopping them (an exception, sys.exit). PDEATHSIG covers the parent being killed; this covers normal exits."""
+
+    def __init__(self, stop_timeout_s: float) -> None:
+        import atexit
+        import threading
+
+        self._live: set = set()
+        self._lock = threading.Lock()
+        self.stop_timeout_s = stop_timeout_s
+        atexit.register(self.stop_all)
+
+    def add(self, child: object) -> None:
+        with self._lock:
+            self._live.add(child)
+
+    def discard(self, child: object) -> None:
+        with self._lock:
+            self._live.discard(child)
+
+    def stop_all(self) -> None:
+        with self._lock:
+            children = list(self._live)
+        for child in children:
+            child.stop(timeout=self.stop_timeout_s)  # type: ignore[attr-defined]

@@ -7,7 +7,6 @@ Every live server is also stopped by an atexit hook, so a crashed parent does no
 
 from __future__ import annotations
 
-import atexit
 import collections
 import os
 import signal
@@ -22,14 +21,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gopo_online.procutil import die_with_parent, free_port
+from gopo_online.procutil import LiveChildren, die_with_parent, free_port
 
 if TYPE_CHECKING:
     from gopo_online.config import GopoConfig, ServerConfig
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-_LIVE: set[VLLMServer] = set()
-_LIVE_LOCK = threading.Lock()
+_LIVE = LiveChildren(stop_timeout_s=10.0)
 
 
 class ServerError(RuntimeError):
@@ -49,15 +47,6 @@ def _cuda_available() -> bool:
 # vLLM's engine core follows its API server down by itself.
 _PARENT_DEATH_SIGNAL = signal.SIGKILL
 
-
-def _stop_all_live() -> None:
-    with _LIVE_LOCK:
-        servers = list(_LIVE)
-    for server in servers:
-        server.stop(timeout=10.0)
-
-
-atexit.register(_stop_all_live)
 
 
 class VLLMServer:
@@ -231,8 +220,7 @@ class VLLMServer:
                 else None
             ),
         )
-        with _LIVE_LOCK:
-            _LIVE.add(self)
+        _LIVE.add(self)
         try:
             self._wait_ready(t0)
         except BaseException:
@@ -304,8 +292,7 @@ class VLLMServer:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
-        with _LIVE_LOCK:
-            _LIVE.discard(self)
+        _LIVE.discard(self)
 
     def log_tail(self, n: int = 60) -> str:
         """The last `n` lines of the server log ('' when there is none yet)."""
