@@ -10,7 +10,6 @@ keeps two servers from sharing one data directory.
 
 from __future__ import annotations
 
-import collections
 import fcntl
 import os
 import signal
@@ -23,7 +22,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from gopo_online.procutil import LiveChildren, die_with_parent, free_port
+from gopo_online.procutil import LiveChildren, die_with_parent, free_port, tail_lines
 
 if TYPE_CHECKING:
     from gopo_online.config import GopoConfig
@@ -246,10 +245,7 @@ class EmbeddedRedis:
         _LIVE.discard(self)
 
     def log_tail(self, n: int = 30) -> str:
-        if not self.log_path.is_file():
-            return ""
-        with open(self.log_path, errors="replace") as f:
-            return "".join(collections.deque(f, maxlen=n))
+        return tail_lines(self.log_path, n)
 
     def __enter__(self) -> EmbeddedRedis:
         return self.start()

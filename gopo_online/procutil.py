@@ -62,3 +62,14 @@ class LiveChildren:
             children = list(self._live)
         for child in children:
             child.stop(timeout=self.stop_timeout_s)  # type: ignore[attr-defined]
+
+
+def tail_lines(path: object, n: int) -> str:
+    """The last `n` lines of a child's log file ('' when there is none yet), read without loading the whole file."""
+    import collections
+    from pathlib import Path
+
+    if path is None or not Path(path).is_file():  # type: ignore[arg-type]
+        return ""
+    with open(path, errors="replace") as f:  # type: ignore[call-overload]
+        return "".join(collections.deque(f, maxlen=n))

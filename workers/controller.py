@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from gopo_online.config import GopoConfig
-from gopo_online.procutil import die_with_parent
+from gopo_online.procutil import die_with_parent, tail_lines
 
 log = logging.getLogger("gopo.controller")
 
@@ -96,11 +96,7 @@ class Child:
         return self.proc.poll() is None
 
     def log_tail(self, n: int = 30) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(lines[-n:])
+        return tail_lines(self.log_path, n)
 
     def stop(self) -> int | None:
         """SIGINT (the learner checkpoints, a worker finishes warm shutdown), then SIGTERM, then SIGKILL.

@@ -7,7 +7,6 @@ Every live server is also stopped by an atexit hook, so a crashed parent does no
 
 from __future__ import annotations
 
-import collections
 import os
 import signal
 import subprocess
@@ -21,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gopo_online.procutil import LiveChildren, die_with_parent, free_port
+from gopo_online.procutil import LiveChildren, die_with_parent, free_port, tail_lines
 
 if TYPE_CHECKING:
     from gopo_online.config import GopoConfig, ServerConfig
@@ -296,12 +295,9 @@ class VLLMServer:
 
     def log_tail(self, n: int = 60) -> str:
         """The last `n` lines of the server log ('' when there is none yet)."""
-        if self.log_path is None or not self.log_path.is_file():
-            return ""
         if self._log_file is not None:
             self._log_file.flush()
-        with open(self.log_path, errors="replace") as f:
-            return "".join(collections.deque(f, maxlen=n))
+        return tail_lines(self.log_path, n)
 
     def __enter__(self) -> VLLMServer:
         return self.start()
