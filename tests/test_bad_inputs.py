@@ -29,7 +29,7 @@ from simulator.scenarios import sample_instance
 from simulator.user import UserSimulator, UserTurn, UserTurnError
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS_SIZE = 86
+CORPUS_SIZE = 87
 """Bad inputs tried below (README: "N tried, N clear")."""
 GOOD_RECORD = json.loads(DEFAULT_PERSONA_FILE.read_text().splitlines()[0])
 
@@ -208,6 +208,7 @@ CONFIG_FILES = {
     ),
     "unknown-key": (b"[learner]\nbatch_episode = 4\n", ["unknown key 'learner.batch_episode'", "did you mean"]),
     "not-toml": (b"[learner\n", ["not valid TOML"]),
+    "duplicate-key": (b"[learner]\nlr = 1e-5\nlr = 2e-5\n", ["not valid TOML", "line 3"]),
 }
 
 
