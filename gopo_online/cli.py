@@ -47,13 +47,41 @@ def _load(config: Path | None, overrides: list[str] | None):
 
 def _call(target: str, *args: Any, **kwargs: Any) -> Any:
     """Import `module:function` at call time and run it; user-facing errors exit with a clear message."""
+    from gopo_online.errors import InputError
+
     module_name, func_name = target.split(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         typer.secho(f"{target}: cannot import {e.name} ({e}). Run ./run.sh setup first.", fg="red", err=True)
         raise typer.Exit(3) from None
-    return getattr(module, func_name)(*args, **kwargs)
+    try:
+        return getattr(module, func_name)(*args, **kwargs)
+    except InputError as e:  # a bad file / record / option: the message names it; a traceback would hide it
+        typer.secho(str(e), fg="red", err=True)
+        raise typer.Exit(2) from None
+    except Exception as e:
+        if _is_broker_unreachable(e):
+            typer.secho(f"cannot reach the broker: {type(e).__name__}: {e}", fg="red", err=True)
+            raise typer.Exit(3) from None
+        raise
+
+
+def _is_broker_unreachable(e: BaseException) -> bool:
+    """kombu's OperationalError (and the socket errors it wraps): the broker is down or the URL is wrong."""
+    return type(e).__name__ == "OperationalError" and type(e).__module__.startswith("kombu")
+
+
+def _check_split(value: str) -> str:
+    if value not in ("train", "heldout", "all"):
+        raise typer.BadParameter(f"{value!r} is not one of train, heldout, all")
+    return value
+
+
+def _check_positive(value: int) -> int:
+    if value < 1:
+        raise typer.BadParameter(f"must be at least 1, got {value}")
+    return value
 
 
 def _not_built(job: str, issue: str) -> None:
@@ -84,8 +112,8 @@ def train(
 def stress(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    personas: Annotated[int, typer.Option(help="Population size.")] = 20,
-    concurrency: Annotated[int, typer.Option(help="Episodes played at once.")] = 4,
+    personas: Annotated[int, typer.Option(help="Population size.", callback=_check_positive)] = 20,
+    concurrency: Annotated[int, typer.Option(help="Episodes played at once.", callback=_check_positive)] = 4,
     seed: Annotated[int, typer.Option(help="Persona sampling seed.")] = 0,
     target_url: Annotated[
         str | None, typer.Option(help="Any OpenAI-compatible chat endpoint (…/v1) tested as a single agent.")
@@ -113,7 +141,7 @@ def stress(
 def eval_(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    personas: Annotated[int, typer.Option(help="Held-out personas to evaluate on.")] = 20,
+    personas: Annotated[int, typer.Option(help="Held-out personas to evaluate on.", callback=_check_positive)] = 20,
 ) -> None:
     """Evaluate the served agents on the held-out persona split (TSE, GRE, BLEU, satisfaction, cost)."""
     cfg = _load(config, [*(set_ or []), "simulator.split=heldout"])
@@ -152,7 +180,17 @@ def worker(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 @app.command()
 def learner(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Run the DeepSpeed learner: consume trajectories, update both policies, push weights."""
+    import os
+
     cfg = _load(config, set_)
+    if not (cfg.broker.url or os.environ.get("GOPO_BROKER_URL")):
+        typer.secho(
+            "the learner needs a broker: set broker.url (--set broker.url=redis://host:6379/0) or GOPO_BROKER_URL; "
+            "only `train` starts an embedded one",
+            fg="red",
+            err=True,
+        )
+        raise typer.Exit(2)
     if not _has("trainer.learner"):
         _not_built("learner", "issue: The loop")
     _call("trainer.learner:main", cfg)
@@ -225,8 +263,16 @@ def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 @config_app.command("validate")
 def config_validate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Validate a config file and overrides; exit 2 with the bad keys named."""
-    _load(config, set_)
+    """Validate a config file and overrides, the files it names too; exit 2 with the bad keys / paths named."""
+    from gopo_online.config import missing_paths
+
+    cfg = _load(config, set_)
+    problems = missing_paths(cfg)
+    if problems:
+        typer.secho("invalid config:\n" + "\n".join(f"  {p}" for p in problems), fg="red", err=True)
+        raise typer.Exit(2)
+    if _has("simulator.personas"):  # the persona bank the config names (or the shipped one) must load
+        _call("simulator.personas:load_personas", cfg.simulator.persona_file, split=cfg.simulator.split)
     typer.echo("ok")
 
 
@@ -239,7 +285,7 @@ def _personas(action: str, **kwargs: Any) -> None:
 @personas_app.command("list")
 def personas_list(
     file: Annotated[Path | None, typer.Option(help="Persona file (default: shipped bank).")] = None,
-    split: Annotated[str, typer.Option(help="train | heldout | all")] = "all",
+    split: Annotated[str, typer.Option(help="train | heldout | all", callback=_check_split)] = "all",
 ) -> None:
     """List personas with their traits and split."""
     _personas("list_personas", file=file, split=split)

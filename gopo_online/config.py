@@ -9,10 +9,14 @@ from __future__ import annotations
 import difflib
 import os
 import tomllib
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from gopo_online.errors import InputError, short_repr
 
 DEFAULT_CONFIG_PATH = Path(__file__).parent / "configs" / "default.toml"
 
@@ -22,8 +26,29 @@ def gopo_home() -> Path:
     return Path(os.environ.get("GOPO_HOME", Path.home() / ".cache" / "gopo-online"))
 
 
+def _numeric_not_bool(annotation: Any) -> bool:
+    """True for int/float fields (also `int | None`) that do not also admit a bool."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    kinds = set(args or (annotation,))
+    return bool(kinds & {int, float}) and bool not in kinds
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, validate_default=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, use_attribute_docstrings=True, validate_default=True, allow_inf_nan=False
+    )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads `batch_episodes = true` as 1; a boolean where a number belongs is a mistake
+        if (
+            isinstance(value, bool)
+            and info.field_name
+            and _numeric_not_bool(cls.model_fields[info.field_name].annotation)
+        ):
+            raise ValueError("a number is needed, not a boolean")
+        return value
 
 
 class RunConfig(Section):
@@ -199,6 +224,9 @@ class BrokerConfig(Section):
     """Celery queue of episode tasks."""
     connect_timeout_s: float = Field(default=10.0, gt=0)
     """Timeout for broker connections and publishes."""
+    max_trajectory_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    """A trajectory message larger than this is dead-lettered unread (a 6-turn episode at max_model_len 2048 is
+    ~0.3 MB of JSON; the learner would otherwise parse and hold whatever a worker sends)."""
 
 
 class WorkersConfig(Section):
@@ -343,7 +371,7 @@ class GopoConfig(Section):
         return self
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config file or override is wrong; the message names the key and, for typos, the close match."""
 
 
@@ -369,7 +397,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
             hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)" if close else ""
             lines.append(f"  unknown key '{key}'{hint}")
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"  {key}: {e['msg']} (got {short_repr(e.get('input'))})")
     return "\n".join(lines)
 
 
@@ -385,6 +413,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
+    except (ValueError, RecursionError) as e:
+        raise ConfigError(f"override '{item[:80]}': value not usable ({type(e).__name__}: {str(e)[:120]})") from None
     return parts, value
 
 
@@ -407,14 +437,40 @@ def load_config(path: Path | str | None = None, overrides: list[str] | None = No
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = tomllib.loads(path.read_text())
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        kind = "a binary file" if b"\x00" in raw[:65536] else "not UTF-8 text"
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: {kind}, not a TOML config (byte 0x{raw[e.start]:02x} at offset {e.start}, line {line})"
+        ) from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except (ValueError, RecursionError) as e:  # an integer past 4300 digits; arrays nested past the parser's depth
+        raise ConfigError(f"{path}: not usable TOML ({type(e).__name__}: {str(e)[:120]})") from None
     data = apply_overrides(data, overrides or [])
     try:
         return GopoConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, str(path) + (" + overrides" if overrides else ""))) from None
+
+
+def missing_paths(cfg: GopoConfig) -> list[str]:
+    """The paths a config names that do not exist on this machine (what `config validate` reports)."""
+    problems = []
+    model_path = cfg.model.path.expanduser() if cfg.model.path is not None else None
+    if model_path is not None and not (model_path / "config.json").is_file():
+        what = "is not a Hugging Face model folder (no config.json)" if model_path.is_dir() else "does not exist"
+        problems.append(f"model.path = '{cfg.model.path}' {what}")
+    if cfg.simulator.persona_file is not None and not cfg.simulator.persona_file.is_file():
+        problems.append(f"simulator.persona_file = '{cfg.simulator.persona_file}' does not exist")
+    return problems
 
 
 def dump_config(cfg: GopoConfig) -> dict[str, Any]:

@@ -55,6 +55,8 @@ EVENTS_ROUTING_KEY = "events"
 RETRY_POLICY: dict[str, Any] = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2.0}
 """Bounded publish retry: 4 attempts over ~3 s, then the error propagates to the caller."""
 MAX_REASON_CHARS = 4000
+OVERSIZE_BODY_KEPT = 64 * 1024
+"""An oversized message's dead letter keeps its first 64 KiB (and its true size), not the whole body."""
 
 
 # --------------------------------------------------------------------------- wire records
@@ -267,17 +269,21 @@ def dead_letter_record(
     content_type: str | None,
     content_encoding: str | None = None,
     headers: dict[str, Any] | None = None,
+    keep_bytes: int | None = None,
 ) -> dict[str, Any]:
-    """The JSON record a dead letter carries: the reason and the original body (base64, byte-exact)."""
+    """The JSON record a dead letter carries: the reason and the original body (base64, byte-exact; for a body
+    over `keep_bytes` its first `keep_bytes`, with `body_truncated` set)."""
     raw = body.encode("utf-8") if isinstance(body, str) else bytes(body or b"")
+    kept = raw if keep_bytes is None else raw[:keep_bytes]
     return {
         "reason": reason[:MAX_REASON_CHARS],
         "source_queue": source_queue,
         "content_type": content_type,
         "content_encoding": content_encoding,
         "headers": _json_safe(headers or {}),
-        "body_b64": base64.b64encode(raw).decode("ascii"),
+        "body_b64": base64.b64encode(kept).decode("ascii"),
         "body_bytes": len(raw),
+        "body_truncated": len(kept) < len(raw),
         "dead_lettered_at": time.time(),
         "consumer": _source(),
     }
@@ -302,9 +308,11 @@ def _send_dead_letter(producer: Producer, topo: Topology, cfg: BrokerConfig, rec
 def _publish_dead_letter(
     producer: Producer, topo: Topology, cfg: BrokerConfig, message: Any, reason: str, source_queue: str
 ) -> None:
+    too_big = len(message.body or b"") > cfg.max_trajectory_bytes
     record = dead_letter_record(
-        reason, source_queue, message.body, message.content_type, message.content_encoding, message.headers
-    )
+        reason, source_queue, message.body, message.content_type, message.content_encoding, message.headers,
+        keep_bytes=OVERSIZE_BODY_KEPT if too_big else None,
+    )  # fmt: skip
     _send_dead_letter(producer, topo, cfg, record)
 
 
@@ -334,10 +342,14 @@ class DeadLetterPublisher:
             self._conn.release()
 
 
-def validate_message(message: Any) -> tuple[Trajectory | None, str | None]:
-    """(trajectory, None) when the message is a valid Trajectory, else (None, reason)."""
+def validate_message(message: Any, max_bytes: int | None = None) -> tuple[Trajectory | None, str | None]:
+    """(trajectory, None) when the message is a valid Trajectory of at most `max_bytes`, else (None, reason)."""
     if message.content_type != JSON:
         return None, f"foreign content type {message.content_type!r} (only {JSON} is accepted)"
+    size = len(message.body or b"")
+    if max_bytes is not None and size > max_bytes:
+        # checked before parsing: the learner must not parse and hold whatever size a worker sends
+        return None, f"trajectory message of {size} bytes exceeds broker.max_trajectory_bytes = {max_bytes}"
     try:
         return Trajectory.model_validate_json(message.body), None
     except ValidationError as e:
@@ -413,10 +425,13 @@ class TrajectoryConsumer:
                 queue = self._bind()
                 self._maybe_restore(queue)
                 return queue.get(no_ack=False)
-            except (*self._conn.recoverable_connection_errors, *self._conn.connection_errors, OperationalError):
+            except (*self._conn.recoverable_connection_errors, *self._conn.connection_errors, OperationalError) as e:
                 if attempt:
                     raise
-                log.warning("trajectory consumer lost its broker connection; reconnecting", exc_info=True)
+                # one line, not a traceback: the broker going away is an expected event, and the caller sees
+                # the final error if the reconnect fails too
+                log.warning("trajectory consumer lost its broker connection (%s: %s); reconnecting",
+                            type(e).__name__, e)  # fmt: skip
                 self._reset()
         return None
 
@@ -468,7 +483,7 @@ class TrajectoryConsumer:
         return out
 
     def _handle(self, message: Any) -> Trajectory | None:
-        traj, reason = validate_message(message)
+        traj, reason = validate_message(message, self.cfg.max_trajectory_bytes)
         if traj is None:
             assert reason is not None and self._producer is not None
             # Publish first, ack second: if the dead-letter publish fails the message stays on the queue.

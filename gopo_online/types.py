@@ -12,7 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-TRAJECTORY_SCHEMA_VERSION = 1
+TRAJECTORY_SCHEMA_VERSION = 2
+"""2 added `Trajectory.repairs`; version 1 records (no repairs) still load."""
 MAX_SKILLS = 5
 """Both predicted and teacher skill sequences are capped at 5 (gopo §3.3)."""
 
@@ -190,7 +191,7 @@ class Turn(Record):
 class Trajectory(Record):
     """One finished (or failed) episode: a persona in a scenario talking to the served agents."""
 
-    schema_version: Literal[1] = TRAJECTORY_SCHEMA_VERSION
+    schema_version: Literal[1, 2] = TRAJECTORY_SCHEMA_VERSION
     episode_id: str = Field(min_length=1)
     scenario_id: str
     persona_id: str
@@ -211,6 +212,9 @@ class Trajectory(Record):
     started_at: float = 0.0
     """Unix time the episode started."""
     duration_s: float = Field(default=0.0, ge=0.0)
+    repairs: tuple[str, ...] = ()
+    """What was repaired in the model outputs of this episode, e.g. "turn 2 simulator: JSON repaired" (schema 2):
+    a repaired reply is kept, and so is the note that it was repaired."""
 
     @model_validator(mode="after")
     def _invariants(self) -> Trajectory:

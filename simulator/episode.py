@@ -177,6 +177,7 @@ def play_episode(
     rule_pending: set[str] = set()
     final_sat: int | None = None
     finished = False
+    repairs: list[str] = []  # the simulator's repair notes, kept on the Trajectory
     stage = "simulator"
     t = 0
 
@@ -201,6 +202,7 @@ def play_episode(
                 f"{getattr(res, 'stage', '?')} failed after {getattr(res, 'attempts', '?')} "
                 f"attempt(s): {getattr(res, 'error', res)}; raw outputs: {raws}"
             )
+        repairs.extend(f"turn {turn_idx} simulator: {r}" for r in getattr(res, "repairs", ()))
         return res.utterance, res.meta, time.monotonic() - t_s
 
     try:
@@ -310,6 +312,7 @@ def play_episode(
             worker=worker,
             started_at=started,
             duration_s=time.monotonic() - t0,
+            repairs=tuple(repairs),
         )
     return Trajectory(
         episode_id=episode_id,
@@ -324,6 +327,7 @@ def play_episode(
         worker=worker,
         started_at=started,
         duration_s=time.monotonic() - t0,
+        repairs=tuple(repairs),
     )
 
 

@@ -34,6 +34,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from gopo_online.errors import InputError, short_repr
+
 DATA_DIR = Path(__file__).parent / "data"
 DEFAULT_PERSONA_FILE = DATA_DIR / "personas.jsonl"
 
@@ -92,7 +94,7 @@ class Persona(_Model):
     """Fixed split: train personas drive training, held-out ones only evaluation."""
     name: str = ""
     """Display name, optional."""
-    cooperation: int = Field(ge=1, le=5)
+    cooperation: int = Field(ge=1, le=5, strict=True)
     """1 (least cooperative) … 5; levels 1-2 are "hard"."""
     intrinsic: IntrinsicTraits
     extrinsic_demand: ExtrinsicDemand
@@ -152,12 +154,80 @@ class PersonaIssue(BaseModel):
         return f"{where}: {self.message}"
 
 
-class PersonaFileError(ValueError):
+class PersonaFileError(InputError):
     """A persona file has problems; `issues` lists every one."""
 
     def __init__(self, issues: Sequence[PersonaIssue]):
         self.issues = list(issues)
         super().__init__("\n".join(str(i) for i in self.issues))
+
+
+MAX_YAML_NODES = 1_000_000
+"""Most nodes a YAML bank may expand to once its aliases are followed (a 240-persona bank has ~15 000); a
+"billion laughs" file of a few lines would expand to 10^9 (every validation message would then print it)."""
+
+
+def _file_text(path: Path) -> tuple[str | None, str | None]:
+    """(text, None) or (None, why the file is not a UTF-8 text file)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return None, f"cannot read: {e.strerror or e}"
+    nul = data.find(b"\x00", 0, 65536)
+    if nul >= 0:
+        return None, f"binary file (NUL byte at offset {nul}), not a persona bank"
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        return None, f"not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} (line {line}) ({e.reason})"
+
+
+def _yaml_load(text: str) -> Any:
+    """`yaml.safe_load` that rejects duplicate keys and alias expansion beyond `MAX_YAML_NODES`."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: Loader, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=True) if key_node.tag != "tag:yaml.org,2002:merge" else "<<"
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # unhashable key: SafeLoader reports it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {short_repr(key)} (first at line {first})", key_node.start_mark
+                )
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    loader = Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        sizes: dict[int, int] = {}
+
+        def size(n: Any) -> int:  # nodes after alias expansion; shared (aliased) nodes are counted once per use
+            if id(n) not in sizes:
+                kids = n.value if isinstance(n, yaml.SequenceNode) else []
+                if isinstance(n, yaml.MappingNode):
+                    kids = [k for pair in n.value for k in pair]
+                sizes[id(n)] = 1 + sum(size(k) for k in kids)
+            return sizes[id(n)]
+
+        total = size(node)
+        if total > MAX_YAML_NODES:
+            raise yaml.YAMLError(
+                f"aliases expand the document to {total} nodes, more than the {MAX_YAML_NODES} allowed (an alias bomb?)"
+            )
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def _raw_records(path: Path) -> tuple[list[tuple[int, Any]], list[PersonaIssue]]:
@@ -166,7 +236,9 @@ def _raw_records(path: Path) -> tuple[list[tuple[int, Any]], list[PersonaIssue]]
     f = str(path)
     if not path.is_file():
         return [], [PersonaIssue(file=f, record=None, record_id=None, field="", message="file not found")]
-    text = path.read_text(encoding="utf-8")
+    text, why = _file_text(path)
+    if text is None:
+        return [], [PersonaIssue(file=f, record=None, record_id=None, field="", message=str(why))]
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         out = []
@@ -186,15 +258,28 @@ def _raw_records(path: Path) -> tuple[list[tuple[int, Any]], list[PersonaIssue]]
                         message=f"line {lineno}: not valid JSON ({e.msg} at column {e.colno})",
                     )
                 )
+            except (ValueError, RecursionError) as e:  # a 5000-digit number, nesting past the parser's depth
+                issues.append(
+                    PersonaIssue(
+                        file=f,
+                        record=n,
+                        record_id=None,
+                        field="",
+                        message=f"line {lineno}: not usable JSON ({type(e).__name__}: {str(e)[:120]})",
+                    )
+                )
             n += 1
         return out, issues
     if suffix in (".yaml", ".yml"):
         import yaml
 
         try:
-            data = yaml.safe_load(text)
+            data = _yaml_load(text)
         except yaml.YAMLError as e:
             return [], [PersonaIssue(file=f, record=None, record_id=None, field="", message=f"not valid YAML: {e}")]
+        except (ValueError, RecursionError) as e:
+            msg = f"not usable YAML ({type(e).__name__}: {str(e)[:120]})"
+            return [], [PersonaIssue(file=f, record=None, record_id=None, field="", message=msg)]
         if isinstance(data, dict) and "personas" in data:
             data = data["personas"]
         if not isinstance(data, list):
@@ -211,7 +296,7 @@ def _raw_records(path: Path) -> tuple[list[tuple[int, Any]], list[PersonaIssue]]
     if suffix == ".json":
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError, so is a 5000-digit number
             return [], [PersonaIssue(file=f, record=None, record_id=None, field="", message=f"not valid JSON: {e}")]
         if isinstance(data, dict) and "personas" in data:
             data = data["personas"]
@@ -231,7 +316,8 @@ def _raw_records(path: Path) -> tuple[list[tuple[int, Any]], list[PersonaIssue]]
 
 def validation_issues(record: Any, *, file: str, index: int | None) -> tuple[Persona | None, list[PersonaIssue]]:
     """Validate one raw record; returns the persona or the issues naming each bad field."""
-    rid = str(record.get("id")) if isinstance(record, dict) and record.get("id") is not None else None
+    raw_id = record.get("id") if isinstance(record, dict) else None
+    rid = raw_id if isinstance(raw_id, str) and len(raw_id) <= 64 else None if raw_id is None else short_repr(raw_id)
     if not isinstance(record, dict):
         return None, [
             PersonaIssue(
@@ -250,7 +336,7 @@ def validation_issues(record: Any, *, file: str, index: int | None) -> tuple[Per
             field = ".".join(str(p) for p in err["loc"]) or "<record>"
             msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
             if err["type"] != "missing" and "input" in err and not isinstance(err["input"], dict):
-                msg += f" (got {err['input']!r})"
+                msg += f" (got {short_repr(err['input'])})"  # bounded: the input may be an expanded alias bomb
             issues.append(PersonaIssue(file=file, record=index, record_id=rid, field=field, message=msg))
         return None, issues
 
@@ -259,6 +345,8 @@ def validate_file(path: Path | str) -> tuple[list[Persona], list[PersonaIssue]]:
     """All valid personas of a file and every issue found (bad records, duplicate ids)."""
     path = Path(path)
     raw, issues = _raw_records(path)
+    if not raw and not issues:
+        issues.append(PersonaIssue(file=str(path), record=None, record_id=None, field="", message="no persona records"))
     personas: list[Persona] = []
     seen: dict[str, int] = {}
     for idx, rec in raw:

@@ -9,8 +9,9 @@ one JSON object. Small models write bad JSON, so:
    recorded outputs truncated, tests/simulator/fixtures); the regex admits no free whitespace. Against other
    endpoints use `structured="json"` (`ChatClient(vllm=False)` sends it as `response_format`);
 2. the text is repaired (`gopo_online.jsonrepair`: fences, first {...}, quotes, trailing commas, unclosed braces) and
-   normalised (satisfaction coerced to an int and clamped to 1-5, "true"/"false" strings to booleans, unknown task
-   ids dropped) — every change is listed in `UserTurn.repairs`;
+   normalised (satisfaction coerced to an int, "true"/"false" strings to booleans, unknown task ids dropped, an
+   intent/emotion outside the listed labels noted) — every change is listed in `UserTurn.repairs`. A satisfaction
+   outside 1-5 (7, "10/10", 1e999) is an error, never clamped: the scale was misread, so the turn is re-asked;
 3. a reply that still lacks a required field is re-asked with a new seed, at most `json_retries` times;
 4. then the call returns a `UserTurnError` naming the failed stage with every raw output. Nothing is invented:
    a missing intent/emotion/satisfaction/stop is an error, never a default. (`completed_tasks` absent = no claim.)
@@ -21,6 +22,7 @@ Deterministic for a fixed seed and batch mix (vLLM seeds reproduce only with the
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from collections.abc import Sequence
@@ -28,6 +30,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
+from gopo_online.errors import short_repr
 from gopo_online.jsonrepair import JSONRepairError, parse_json_object
 from gopo_online.types import UserTurnMeta
 from simulator.personas import Persona
@@ -125,22 +128,24 @@ def _coerce_satisfaction(v: Any, repairs: list[str]) -> int:
     if isinstance(v, bool):
         raise FieldError(f"satisfaction is a boolean ({v!r})")
     if isinstance(v, int):
-        n = v
-    elif isinstance(v, float):
-        n = round(v)
-        repairs.append(f"satisfaction {v!r} rounded to {n}")
+        if not 1 <= v <= 5:
+            raise FieldError(f"satisfaction {short_repr(v)} is outside 1-5")
+        return v
+    if isinstance(v, float):
+        x = v
     elif isinstance(v, str):
-        m = re.search(r"-?\d+(\.\d+)?", v)
+        m = re.search(r"-?\d+(\.\d+)?", v[:200])
         if not m:
-            raise FieldError(f"satisfaction {v!r} has no number")
-        n = round(float(m.group()))
-        repairs.append(f"satisfaction {v!r} read as {n}")
+            raise FieldError(f"satisfaction {short_repr(v)} has no number")
+        if re.search(r"/\s*\d", v[m.end() : m.end() + 20]) and not re.match(r"\s*/\s*5(\D|$)", v[m.end() :]):
+            raise FieldError(f"satisfaction {short_repr(v)} is on another scale than 1-5")
+        x = float(m.group())
     else:
         raise FieldError(f"satisfaction has type {type(v).__name__}")
-    if not 1 <= n <= 5:
-        clamped = min(max(n, 1), 5)
-        repairs.append(f"satisfaction {n} clamped to {clamped}")
-        n = clamped
+    if not (math.isfinite(x) and 1.0 <= x <= 5.0):
+        raise FieldError(f"satisfaction {short_repr(v)} is outside 1-5")
+    n = round(x)
+    repairs.append(f"satisfaction {short_repr(v)} read as {n}")
     return n
 
 
@@ -156,10 +161,14 @@ def _coerce_bool(v: Any, repairs: list[str]) -> bool:
     raise FieldError(f"stop {v!r} is not a boolean")
 
 
-def _label(v: Any, name: str) -> str:
+def _label(v: Any, name: str, allowed: Sequence[str], repairs: list[str]) -> str:
     if not isinstance(v, str) or not v.strip():
-        raise FieldError(f"{name} {v!r} is not a non-empty string")
-    return v.strip().lower()
+        raise FieldError(f"{name} {short_repr(v)} is not a non-empty string")
+    label = v.strip().lower()
+    if label not in allowed:
+        # kept as written (the state maps it to "other"), but never silently: the note reaches the Trajectory
+        repairs.append(f"{name} {short_repr(label)} is not one of the listed {name}s")
+    return label
 
 
 def parse_user_output(text: str) -> tuple[str, UserTurnMeta, tuple[str, ...]]:
@@ -172,22 +181,22 @@ def parse_user_output(text: str) -> tuple[str, UserTurnMeta, tuple[str, ...]]:
         repairs.append("JSON repaired")
     missing = [f for f in REQUIRED_FIELDS if f not in obj]
     if missing:
-        raise FieldError(f"missing field(s) {missing}; got keys {sorted(obj)}")
+        raise FieldError(f"missing field(s) {missing}; got keys {sorted(map(str, obj))[:20]}")
     utterance = obj["utterance"]
     if not isinstance(utterance, str) or not utterance.strip():
-        raise FieldError(f"utterance {utterance!r} is empty or not a string")
+        raise FieldError(f"utterance {short_repr(utterance)} is empty or not a string")
     tasks_raw = obj.get("completed_tasks") or []
     if isinstance(tasks_raw, str):
         tasks_raw = [tasks_raw]
         repairs.append("completed_tasks string wrapped in a list")
     if not isinstance(tasks_raw, list):
-        raise FieldError(f"completed_tasks {tasks_raw!r} is not a list")
+        raise FieldError(f"completed_tasks {short_repr(tasks_raw)} is not a list")
     tasks = tuple(dict.fromkeys(str(t) for t in tasks_raw if str(t) in TASK_IDS))
     if len(tasks) != len(tasks_raw):
-        repairs.append(f"completed_tasks {tasks_raw!r} filtered to {list(tasks)}")
+        repairs.append(f"completed_tasks {short_repr(tasks_raw)} filtered to {list(tasks)}")
     meta = UserTurnMeta(
-        intent=_label(obj["intent"], "intent"),
-        emotion=_label(obj["emotion"], "emotion"),
+        intent=_label(obj["intent"], "intent", INTENTS, repairs),
+        emotion=_label(obj["emotion"], "emotion", EMOTIONS, repairs),
         satisfaction=_coerce_satisfaction(obj["satisfaction"], repairs),
         stop=_coerce_bool(obj["stop"], repairs),
         completed_tasks=tasks,
@@ -306,8 +315,9 @@ class UserSimulator:
             except JSONRepairError as e:
                 stage, last_error = "json", str(e)
                 continue
-            except (FieldError, ValueError) as e:
-                stage, last_error = "fields", str(e)
+            except (FieldError, ValueError, TypeError, ArithmeticError, RecursionError) as e:
+                # anything the model wrote is a re-ask with the raw text kept, never a crash of the episode
+                stage, last_error = "fields", f"{type(e).__name__}: {e}" if not isinstance(e, FieldError) else str(e)
                 continue
             return UserTurn(
                 utterance=utterance,

@@ -37,7 +37,7 @@ from gopo_online.stream import (
     get_dead_letters,
     queue_depth,
 )
-from gopo_online.types import Trajectory, Turn, UserTurnMeta
+from gopo_online.types import TRAJECTORY_SCHEMA_VERSION, Trajectory, Turn, UserTurnMeta
 
 pytestmark = pytest.mark.integration
 
@@ -130,7 +130,7 @@ def test_round_trip_and_headers(url: str, bcfg: BrokerConfig) -> None:
         assert raw is not None
         assert raw.content_type == "application/json"
         assert raw.headers["episode_id"] == "ep-0"
-        assert raw.headers["schema_version"] == 1
+        assert raw.headers["schema_version"] == TRAJECTORY_SCHEMA_VERSION
         assert raw.headers["min_policy_version"] == 0
         assert Trajectory.from_json(raw.body) == sent[0]
         raw.requeue()
@@ -188,6 +188,29 @@ def test_foreign_messages_go_to_dead_letter_queue_with_reason(url: str, bcfg: Br
         assert letter["source_queue"] == bcfg.trajectory_queue
         assert letter["headers"]["origin"] == "test"
     assert queue_depth(url, bcfg)["dead_letter"] == 0
+
+
+def test_oversized_trajectory_is_dead_lettered_with_its_size(url: str) -> None:
+    """A valid trajectory over broker.max_trajectory_bytes is dead-lettered unread, keeping its first 64 KiB."""
+    from gopo_online.stream import OVERSIZE_BODY_KEPT
+
+    cfg = unique_cfg(max_trajectory_bytes=100_000)
+    try:
+        big = traj("big").model_copy(update={"persona_group": "x" * 200_000})
+        with TrajectoryPublisher(url, cfg) as pub:
+            pub.publish(big)
+            pub.publish(traj("small"))
+        with TrajectoryConsumer(url, cfg) as consumer:
+            got = consumer.get_batch(5, timeout_s=0.5)
+        assert [t.episode_id for t in got] == ["small"]
+        assert consumer.counts["dead_lettered"] == 1
+        (letter,) = get_dead_letters(url, cfg)
+        size = len(big.to_json().encode())
+        assert letter["reason"] == f"trajectory message of {size} bytes exceeds broker.max_trajectory_bytes = 100000"
+        assert letter["body_bytes"] == size and letter["body_truncated"] is True
+        assert base64.b64decode(letter["body_b64"]) == big.to_json().encode()[:OVERSIZE_BODY_KEPT]
+    finally:
+        delete_topology(url, cfg)
 
 
 def test_duplicates_are_counted_and_dropped(url: str, bcfg: BrokerConfig) -> None:

@@ -96,7 +96,9 @@ def test_repair_gives_up_with_typed_error(text):
 
 
 @pytest.mark.parametrize(
-    ("sat", "expected"), [(3, 3), ("4", 4), ("4/5", 4), (4.6, 5), (0, 1), (9, 5), ("five", None), (True, None)]
+    ("sat", "expected"),
+    # out of scale (0, 9, "10/10") is rejected and re-asked, never clamped to the maximum outcome reward (issue 11)
+    [(3, 3), ("4", 4), ("4/5", 4), (4.6, 5), (0, None), (9, None), ("10/10", None), ("five", None), (True, None)],
 )
 def test_satisfaction_coercion(sat, expected):
     obj = {"utterance": "hi", "intent": "greet", "emotion": "calm", "satisfaction": sat, "stop": "false"}
