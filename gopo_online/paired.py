@@ -27,6 +27,11 @@ DEFAULT_RESAMPLES = 2000
 DEFAULT_LEVEL = 0.95
 
 
+class EvalError(ValueError):
+    """Bad `gopo-online eval` input (a run folder without adapters, an unknown version, a bad --against); the
+    message names what is wrong. Defined here, in the base room, so the CLI can catch it without importing eval."""
+
+
 def _finite(x: float | None) -> bool:
     return x is not None and not (isinstance(x, float) and math.isnan(x))
 
