@@ -199,10 +199,26 @@ def bench(
     out: Annotated[Path, typer.Option(help="Results file (JSON); a table is printed too.")] = Path(
         "results/bench.json"
     ),
+    minutes: Annotated[
+        float | None, typer.Option(help="learning: training minutes per arm (lr and lr=0; default 30).")
+    ] = None,
+    personas: Annotated[int | None, typer.Option(help="learning: held-out personas (pairs) to evaluate.")] = None,
+    max_turns: Annotated[int | None, typer.Option(help="learning: turns per eval episode.")] = None,
 ) -> None:
-    """Benchmarks: reward math, broker throughput, vLLM tok/s, weight push latency, learner step time."""
+    """Benchmarks: reward math, broker throughput, vLLM tok/s, weight push latency, learner step time; and, only with
+    --only learning, a training run vs its lr-0 control on held-out personas."""
     cfg = _load(config, set_)
-    _call("gopo_online.bench:main", cfg, only=only or [], out=out)
+    _call(
+        "gopo_online.bench:main",
+        cfg,
+        only=only or [],
+        out=out,
+        config_path=config,
+        overrides=list(set_ or []),
+        minutes=minutes,
+        personas=personas,
+        max_turns=max_turns,
+    )
 
 
 @model_app.command("prepare")
