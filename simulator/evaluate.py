@@ -133,6 +133,8 @@ def make_arm(key: str, spec: str | Path, cfg: GopoConfig, version: int | None = 
         if version is not None:
             raise EvalError("--version applies to a run, not to the base model")
         return Arm(key, "base", {a: cfg.model.served_name for a in AGENTS}, 0)
+    if key == "b" and not Path(spec).is_dir():
+        raise EvalError(f"--against {spec}: neither 'base' nor an existing run folder")
     v, dirs = run_adapters(spec, version)
     names = {a: f"{key}-{a}-v{v}" for a in AGENTS}
     return Arm(key, f"{Path(spec).name}@v{v}", names, v, {names[a]: dirs[a] for a in AGENTS}, str(spec))
@@ -412,6 +414,7 @@ def _eval_server(cfg: GopoConfig, arms: tuple[Arm, Arm], log_path: Path) -> Any:
     else:
         srv.enable_lora = srv.dev_mode = False
     srv.log_path = log_path
+    srv.port = None  # a private server: a free port, never the one a running `train` may hold
     return srv
 
 

@@ -107,6 +107,8 @@ def test_arms(tmp_path):
     assert b.models == {"expert": CFG.model.served_name, "cs": CFG.model.served_name} and b.adapters == {}
     with pytest.raises(EvalError, match="--version"):
         make_arm("b", "base", CFG, version=2)
+    with pytest.raises(EvalError, match="neither 'base' nor an existing run folder"):
+        make_arm("b", "bsae", CFG)
 
 
 def test_cli_names_a_missing_run(tmp_path):
