@@ -233,8 +233,13 @@ def build_eval_report(
     def js(d: dict[str, PairedSummary]) -> dict[str, Any]:
         return {m: s.to_json() for m, s in d.items()}
 
+    firsts = [(r["arms"][a.key]["first_user_utterance"], r["arms"][b.key]["first_user_utterance"]) for r in rows]
+    firsts = [(x, y) for x, y in firsts if x is not None and y is not None]
     return {
         "setup": setup,
+        # both arms' opening user message comes from the same prompt and seed; vLLM's seeded sampling makes them
+        # equal unless batching changes the numerics (a diagnostic of the pairing, not a precondition)
+        "same_first_user_turn": sum(x == y for x, y in firsts) / len(firsts) if firsts else None,
         "arms": {
             arm.key: {"label": arm.label, "version": arm.version, "models": arm.models, "run_dir": arm.run_dir}
             for arm in arms
@@ -287,8 +292,10 @@ def print_eval_report(report: dict[str, Any], console: Any = None) -> None:
         g.add_row(name, str(d["esndcg"]["n"] or d["joint"]["n"]), *cells)
     console.print(g)
     err = report["errors"]
+    same = report.get("same_first_user_turn")
     console.print(
         f"{report['pairs_total']} pairs; errored episodes A {err['a']}, B {err['b']} (their pairs are left out); "
+        f"identical opening user turn in {'-' if same is None else f'{100 * same:.0f}%'} of pairs; "
         "* = CI excludes 0"
     )
 

@@ -228,6 +228,7 @@ def test_both_arms_play_the_same_persona_instance_and_seeds(played):
 def test_report_numbers_by_hand(played):
     _, _, _, report = played
     o = report["overall"]
+    assert report["same_first_user_turn"] == 1.0
     assert set(o) == set(METRICS) and report["pairs_total"] == 6 and report["errors"] == {"a": 0, "b": 0}
     # one turn per episode: ESNDCG 1 (teacher) vs 0 (no teacher skill) in every pair -> diff 1, CI [1, 1]
     assert (o["esndcg"]["mean_a"], o["esndcg"]["mean_b"], o["esndcg"]["n"]) == (1.0, 0.0, 6)
