@@ -79,7 +79,10 @@ def run_adapters(run_dir: Path | str, version: int | None = None) -> tuple[int, 
         meta = p / "version.json"
         if not p.name[1:].isdigit() or not meta.is_file():
             continue  # a half-written export has no version.json (it is renamed into place complete)
-        info = json.loads(meta.read_text())
+        try:
+            info = json.loads(meta.read_text())
+        except ValueError as e:
+            raise EvalError(f"{meta}: unreadable ({e})") from None
         if info.get("finetune", "lora") != "lora":
             raise EvalError(
                 f"{p}: the run was trained with finetune={info.get('finetune')!r}; eval serves LoRA adapters"

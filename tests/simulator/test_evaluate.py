@@ -88,6 +88,7 @@ def test_served_copies_are_the_fallback(tmp_path):
         (lambda r: r.mkdir(), None, "no trained adapters"),
         (lambda r: _export(r, 1), 7, r"no adapters of version 7; available: \[1\]"),
         (lambda r: _export(r, 1, finetune="full"), None, "finetune='full'"),
+        (lambda r: (_export(r, 1) / "version.json").write_text("{nope"), None, "unreadable"),
         (lambda r: (_export(r, 1), (r / "weights/v000001/cs/adapter_model.safetensors").unlink()), None, "complete"),
     ],
 )
