@@ -156,4 +156,7 @@ def bench_learning(
         "runs": {k: str(v) for k, v in run_dirs.items()},
         "personas": report["setup"]["n_personas"],
     }
+    if trained["lr"]["learner_steps"] == 0:
+        # a budget too short for one learner step leaves the lr arm at its initial (zero-B) adapters
+        context["warning"] = "the lr arm made no learner step: both arms are the untrained policy"
     return learning_rows(report, trained, context, {"simulator_mode": m["simulator_mode"]})

@@ -76,8 +76,22 @@ def test_driver_trains_both_arms_with_the_same_seed_then_evals_lr_against_lr0(tm
     assert by["esndcg"]["simulator"] == "same:policy" and "scoring=" in by["esndcg"]["judge"]
     assert by["train.lr.episodes"]["value"] == 9 and by["train.lr.episodes"]["episode_errors"] == 1
     assert by["train.lr0.episodes"]["learner_steps"] == 2 and by["train.lr0.episodes"]["lr"] == 0.0
-    assert "simulator_mode" in by["train.lr.episodes"]
+    assert "simulator_mode" in by["train.lr.episodes"] and "warning" not in by["esndcg"]
     json.dumps(rows)
+
+
+def test_an_arm_without_a_learner_step_is_flagged(tmp_path, monkeypatch):
+    def fake_call(target, *args, **kw):
+        if target == "workers.controller:train":
+            args[0].run.run_dir.mkdir(parents=True)
+            return 0  # no controller.json, no learner_metrics.jsonl: nothing trained
+        return {"overall": {"esndcg": _summary(0.0)}, "arms": {"a": {"version": 0}, "b": {"version": 0}},
+                "setup": {"n_personas": 4}}  # fmt: skip
+
+    monkeypatch.setattr(bench_learning, "_call", fake_call)
+    rows = bench_learning.bench_learning(load_config(None, [f"run.output_dir='{tmp_path}'"]), minutes=0.1)
+    by = {r["metric"]: r for r in rows}
+    assert "no learner step" in by["esndcg"]["warning"] and by["train.lr.episodes"]["learner_steps"] == 0
 
 
 def test_a_failed_training_arm_stops_the_bench(tmp_path, monkeypatch):
