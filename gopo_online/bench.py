@@ -63,8 +63,11 @@ BENCHES: dict[str, str] = {
     "vllm": "gopo_online.bench_parts:bench_vllm",
     "push": "gopo_online.bench_parts:bench_push",
     "learner": "trainer.bench:bench_learner",
+    "learning": "gopo_online.bench_learning:bench_learning",
 }
 """Benchmark name -> `module:function(cfg) -> list[Row]`, imported only when run."""
+OPT_IN = {"learning"}
+"""Benchmarks that run only when named with --only (`learning` trains for an hour on the CPU default)."""
 
 
 def _resolve(target: str) -> Callable[[GopoConfig], list[Row]]:
@@ -90,7 +93,15 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def main(cfg: GopoConfig, only: list[str], out: Path) -> list[Row]:
+def _accepted(fn: Callable[..., Any], kw: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of `kw` that `fn` declares (benchmark options reach only the benchmarks that use them)."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in kw.items() if k in params and v is not None}
+
+
+def main(cfg: GopoConfig, only: list[str], out: Path, **bench_kw: Any) -> list[Row]:
     from rich.console import Console
     from rich.table import Table
 
@@ -98,14 +109,15 @@ def main(cfg: GopoConfig, only: list[str], out: Path) -> list[Row]:
     unknown = [n for n in only if n not in BENCHES]
     if unknown:
         raise SystemExit(f"unknown benchmark(s) {unknown}; choose from {sorted(BENCHES)}")
-    names = only or list(BENCHES)
+    names = only or [n for n in BENCHES if n not in OPT_IN]
     rows: list[Row] = []
     failures: dict[str, str] = {}
     for name in names:
         console.log(f"bench {name} …")
         t0 = time.time()
         try:
-            rows.extend(_resolve(BENCHES[name])(cfg))
+            fn = _resolve(BENCHES[name])
+            rows.extend(fn(cfg, **_accepted(fn, bench_kw)))
         except Exception as e:  # one broken benchmark must not hide the others' numbers
             failures[name] = f"{type(e).__name__}: {e}"
             console.log(f"[red]bench {name} failed[/red]: {failures[name]}")

@@ -139,24 +139,46 @@ def stress(
 
 @app.command("eval")
 def eval_(
+    run: Annotated[Path, typer.Option("--run", help="Run folder whose trained adapters are evaluated (runs/NAME).")],
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    personas: Annotated[int, typer.Option(help="Held-out personas to evaluate on.", callback=_check_positive)] = 20,
+    version: Annotated[
+        int | None, typer.Option("--version", help="Adapter version of the run (default: its latest export).")
+    ] = None,
+    against: Annotated[
+        str, typer.Option("--against", help="Comparison arm: 'base' (no adapter) or another run folder.")
+    ] = "base",
+    personas: Annotated[
+        int, typer.Option(help="Held-out personas (= episode pairs) to evaluate on.", callback=_check_positive)
+    ] = 20,
+    seed: Annotated[int, typer.Option(help="Persona / scenario / simulator seed (the same for both arms).")] = 0,
+    concurrency: Annotated[int, typer.Option(help="Episodes played at once.", callback=_check_positive)] = 4,
+    max_turns: Annotated[int | None, typer.Option(help="Turns per episode (default: simulator.max_turns).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Report folder (default: RUN/eval-vN-vs-AGAINST).")] = None,
 ) -> None:
-    """Evaluate the served agents on the held-out persona split (TSE, GRE, BLEU, satisfaction, cost)."""
-    cfg = _load(config, [*(set_ or []), "simulator.split=heldout"])
-    if not _has("simulator.stress"):
+    """A run's trained agents vs the base model (or another run) on held-out personas, in paired episodes:
+    per metric both arms' means, the paired difference and its 95% bootstrap CI (report.json, report.png)."""
+    from gopo_online.paired import EvalError
+
+    cfg = _load(config, set_)
+    if not _has("simulator.evaluate"):
         _not_built("eval", "issue: Simulator")
-    _call(
-        "simulator.stress:main",
-        cfg,
-        n_personas=personas,
-        concurrency=4,
-        seed=0,
-        target_url=None,
-        target_model=None,
-        out=None,
-    )
+    try:
+        _call(
+            "simulator.evaluate:main",
+            cfg,
+            run=run,
+            version=version,
+            against=against,
+            n_personas=personas,
+            seed=seed,
+            out=out,
+            concurrency=concurrency,
+            max_turns=max_turns,
+        )
+    except EvalError as e:
+        typer.secho(f"eval: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -217,10 +239,26 @@ def bench(
     out: Annotated[Path, typer.Option(help="Results file (JSON); a table is printed too.")] = Path(
         "results/bench.json"
     ),
+    minutes: Annotated[
+        float | None, typer.Option(help="learning: training minutes per arm (lr and lr=0; default 30).")
+    ] = None,
+    personas: Annotated[int | None, typer.Option(help="learning: held-out personas (pairs) to evaluate.")] = None,
+    max_turns: Annotated[int | None, typer.Option(help="learning: turns per eval episode.")] = None,
 ) -> None:
-    """Benchmarks: reward math, broker throughput, vLLM tok/s, weight push latency, learner step time."""
+    """Benchmarks: reward math, broker throughput, vLLM tok/s, weight push latency, learner step time; and, only with
+    --only learning, a training run vs its lr-0 control on held-out personas."""
     cfg = _load(config, set_)
-    _call("gopo_online.bench:main", cfg, only=only or [], out=out)
+    _call(
+        "gopo_online.bench:main",
+        cfg,
+        only=only or [],
+        out=out,
+        config_path=config,
+        overrides=list(set_ or []),
+        minutes=minutes,
+        personas=personas,
+        max_turns=max_turns,
+    )
 
 
 @model_app.command("prepare")
