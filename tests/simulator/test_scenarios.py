@@ -88,7 +88,9 @@ def test_ecommerce_detection_uses_store_facts(store):
     p = inst.context["product"]
     assert detect_task(inst, "information_delivery", f"It costs ${p['price']:.2f}.", "chat")
     assert not detect_task(inst, "information_delivery", "It is a nice product.", "chat")
-    assert detect_task(inst, "proactive_guidance", "anything", "recommend")
+    # the guidance action counts on a real reply; an action tag on a non-reply used to complete the task (gaming)
+    assert detect_task(inst, "proactive_guidance", "Here is a model that fits what you need.", "recommend")
+    assert not detect_task(inst, "proactive_guidance", "anything", "recommend")
 
 
 def test_sop_rules(store):
