@@ -6,7 +6,8 @@ JSON schema (`structured_outputs.json`, whitespace disabled: xgrammar otherwise 
 whitespace). A malformed answer is repaired (code fences stripped, the first {...} extracted, "7/10" read as
 7); a number outside the asked scale (0.9, 10.5, 11, -3, "80%", a principle other than 0 / 0.5 / 1) is REJECTED,
 never rescaled. If a dimension is missing or off scale the judge is asked again, up to `JudgeConfig.retries`
-times, and then the verdict is an explicit failure. Scores are never invented, every raw answer is kept, and each re-ask's reason is kept in `JudgeScores.notes`.
+times, and then the verdict is an explicit failure. Scores are never invented, every raw answer is kept, and each
+re-ask's reason is kept in `JudgeScores.notes`.
 
 This is the "llm" judge mode; "rubric" and "mixed" live in `gopo_online.rubric` (see `JudgeConfig.mode`).
 """
