@@ -178,6 +178,8 @@ class JudgeConfig(Section):
     SmolLM2-135M only the rubric reaches AUC >= 0.9 with a good-bad margin >= 0.3."""
     mixed_rubric_weight: float = Field(default=0.5, ge=0, le=1)
     """mixed mode: weight of the rubric score per dimension (the LLM's weight is 1 - this)."""
+    bench_llm_items: int = Field(default=13, ge=0)
+    """`bench --only judge`: labelled replies per family the llm and mixed modes score (0: rubric only)."""
     rubric_gate_factor: float = Field(default=0.25, ge=0, le=1)
     """rubric: every dimension of a reply failing a gate (empty, toxic, stuffed, copy of the user, off-topic, a broken
     hard constraint) is multiplied by this."""

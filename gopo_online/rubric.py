@@ -7,14 +7,16 @@ A small judge model ranks replies but barely separates them (on SmolLM2-135M the
   (the `Compliance` the episode computed, or the skills checked here);
 * task evidence: which sequential TSE tasks the scenario's detectors credit to this reply (gopo §4.1.2);
 * reference overlap: content-word F1 (ROUGE-1 style) against the scenario's reference replies;
+* supported facts: every number / id the reply states must come from the business context or the dialogue;
 * relevance to the user's last message and to the case (content-word stems shared with either);
 * structure: prose sentences vs keyword lists, repeated n-grams (product name stuffing), a copy of the user's text;
 * lexicons: politeness, empathy, toxicity.
 
 Scores: each dimension is a graded score in [0, 1] built from that evidence; a reply that fails a GATE (empty,
-toxic, keyword-stuffed, a copy of the user's text, unrelated to the user and the case, or breaking a hard
-constraint) has every dimension multiplied by `JudgeConfig.rubric_gate_factor`. Skills are hard constraints of the
-CS agent (gopo §3.3): a reply that breaks one is not a somewhat worse reply, it is not an acceptable one.
+toxic, keyword-stuffed, a copy of the user's text, unrelated to the user and the case, stating an unsupported
+number, or breaking a hard constraint) has every dimension multiplied by `JudgeConfig.rubric_gate_factor`. Skills
+are hard constraints of the CS agent (gopo §3.3): a reply that breaks one is not a somewhat worse reply, it is not
+an acceptable one.
 
 The text primitives (`words`, `prose_sentences`, `structure`, `relevant`) are shared with the scenario task
 detectors (simulator/scenarios.py), so a keyword list cannot satisfy either. Imports only the standard library and
@@ -173,9 +175,14 @@ def relevant(reply: str, user_text: str, case_terms: Sequence[str] = ()) -> bool
 
 
 def is_copy(reply: str, user_text: str) -> bool:
-    """The reply mostly repeats the user's own words (>= 70 % of its content stems, >= 3 of them)."""
-    sr = content_stems(reply)
-    return len(sr) >= 3 and len(sr & content_stems(user_text)) / len(sr) >= 0.7
+    """The reply mostly repeats the user's own words: >= 60 % of its word bigrams occur in the user's message (a reply
+    of >= 3 words). Naming the same order or product shares a bigram or two; a copy shares nearly all."""
+    rw, uw = words(reply), words(user_text)
+    grams = [tuple(rw[i : i + 2]) for i in range(len(rw) - 1)]
+    if len(rw) < 3 or not grams:
+        return False
+    user_grams = {tuple(uw[i : i + 2]) for i in range(len(uw) - 1)}
+    return sum(g in user_grams for g in grams) / len(grams) >= 0.6
 
 
 def reference_f1(reply: str, references: Sequence[str]) -> float:
@@ -189,6 +196,56 @@ def reference_f1(reply: str, references: Sequence[str]) -> float:
             p, r = common / len(sr), common / len(sf)
             best = max(best, 2 * p * r / (p + r))
     return best
+
+
+_NUMBER = re.compile(r"(?<![\w.])\$?(\d+(?:\.\d+)?)")
+_ID = re.compile(r"\b([A-Z]{1,4}-?\d{3,}|\d{5,})\b")
+
+
+def _numbers(text: str) -> set[float]:
+    return {float(m) for m in _NUMBER.findall(text or "")}
+
+
+def _flat(value: Any) -> list[Any]:
+    if isinstance(value, Mapping):
+        return [x for v in value.values() for x in _flat(v)]
+    if isinstance(value, list | tuple):
+        return [x for v in value for x in _flat(v)]
+    return [value]
+
+
+def _differences(value: Any) -> set[float]:
+    """|a - b| of the numbers of one record that share a unit suffix (promised_min / actual_min -> minutes late)."""
+    out: set[float] = set()
+    if isinstance(value, Mapping):
+        groups: dict[str, list[float]] = {}
+        for k, v in value.items():
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                groups.setdefault(str(k).rsplit("_", 1)[-1], []).append(float(v))
+            else:
+                out |= _differences(v)
+        for nums in groups.values():
+            out |= {abs(a - b) for a in nums for b in nums if a != b}
+    elif isinstance(value, list | tuple):
+        for v in value:
+            out |= _differences(v)
+    return out
+
+
+def unsupported_facts(reply: str, context: Mapping[str, Any], dialogue: Sequence[str] = ()) -> list[str]:
+    """Numbers and ids the reply states that neither the business context nor the dialogue supports (a wrong delay,
+    price, window or order id). Supported: any number of the context or the dialogue, differences of numbers of one
+    record in the same unit (minutes late = actual_min - promised_min) and small counts (0-3)."""
+    leaves = _flat(context)
+    known = {float(v) for v in leaves if isinstance(v, int | float) and not isinstance(v, bool)}
+    text_known = " ".join(str(v) for v in leaves if isinstance(v, str)) + " " + " ".join(dialogue)
+    known |= _numbers(text_known) | _differences(context)
+    ids_known = set(_ID.findall(text_known))
+    out = [m for m in _ID.findall(reply or "") if m not in ids_known]
+    for x in _numbers(_ID.sub(" ", reply or "")):
+        if x > 3 and not any(abs(x - k) < 0.006 for k in known):
+            out.append(f"{x:g}")
+    return out
 
 
 def distinct2(text: str) -> float:
@@ -222,6 +279,10 @@ class RubricCase:
     """The agent's earlier replies in this dialogue (for diversity)."""
     guidance_actions: tuple[str, ...] = ()
     """Action tags that count as proactive guidance in this case."""
+    context: Mapping[str, Any] = field(default_factory=dict)
+    """B_t, the business context: numbers the reply states must come from it (or from the dialogue)."""
+    dialogue: tuple[str, ...] = ()
+    """Earlier messages of both sides (numbers quoted from them are supported)."""
 
 
 @dataclass(frozen=True)
@@ -257,6 +318,9 @@ def evidence(case: RubricCase) -> dict[str, Any]:
         "next_step": bool(NEXT_STEP.search(reply)),
         "distinct2": round(distinct2(reply), 3),
         "max_earlier_overlap": round(max((overlap(reply, e) for e in case.earlier_replies), default=0.0), 3),
+        "unsupported": unsupported_facts(reply, case.context, (case.user_utterance, *case.dialogue))
+        if case.context
+        else [],
         "action": case.action,
         "guidance_action": case.action in case.guidance_actions,
     }
@@ -277,6 +341,8 @@ def gates(ev: Mapping[str, Any]) -> list[str]:
         out.append("off_topic")
     if ev["hard_failed"]:
         out.append("hard_constraint")
+    if ev["unsupported"]:
+        out.append("unsupported_fact")
     return out
 
 
@@ -286,8 +352,10 @@ def _clip(x: float) -> float:
 
 def dimension_scores(ev: Mapping[str, Any]) -> dict[str, float]:
     """Every dimension the judge config may name, in [0, 1], before the gates (gopo eq 8 and §4.1.2)."""
-    task_progress = 1.0 if ev["task_pending"] and ev["task_pending"] in ev["tasks_hit"] else (
-        0.6 if ev["tasks_hit"] or ev["task_pending"] is None else 0.0
+    task_progress = (
+        1.0
+        if ev["task_pending"] and ev["task_pending"] in ev["tasks_hit"]
+        else (0.6 if ev["tasks_hit"] or ev["task_pending"] is None else 0.0)
     )
     relevance = 1.0 if ev["relevant"] else 0.0
     ref = _clip(ev["reference_f1"] / 0.5)  # F1 0.5 against a one-sentence reference already means the same content
@@ -327,7 +395,7 @@ def rubric_verdict(
     unknown = [d for d in (*dimensions, *principles) if d not in raw]
     if unknown:
         raise ValueError(f"rubric judge has no rule for {unknown}; it scores {sorted(raw)}")
-    factor = gate_factor if hit else 1.0
+    factor = 0.0 if ev["empty"] else gate_factor if hit else 1.0  # an empty reply has nothing to credit
     scores = {d: round(raw[d] * factor, 6) for d in dimensions}
     # principles are discrete (InteractCS eq 6): a gated reply violates them
     verdicts = {p: 0.0 if hit else _snap(raw[p]) for p in principles}
@@ -347,8 +415,11 @@ def mix_verdicts(rubric: JudgeScores, llm: JudgeScores, rubric_weight: float) ->
     When the LLM verdict failed, the rubric verdict stands alone and the LLM's error is kept in `notes`."""
     if not llm.ok:
         return rubric.model_copy(
-            update={"mode": "mixed", "notes": (*rubric.notes, f"llm judge failed, rubric alone: {llm.error}"),
-                    "raw": llm.raw}  # fmt: skip
+            update={
+                "mode": "mixed",
+                "notes": (*rubric.notes, f"llm judge failed, rubric alone: {llm.error}"),
+                "raw": llm.raw,
+            }  # fmt: skip
         )
     w = rubric_weight
     scores = {d: round(w * s + (1 - w) * llm.scores.get(d, s), 6) for d, s in rubric.scores.items()}

@@ -39,6 +39,8 @@ def rubric_case(
         case_terms=instance.case_terms,
         earlier_replies=tuple(text for role, text in state.history if role == "agent"),
         guidance_actions=instance.guidance_actions,
+        context=instance.business_context(),
+        dialogue=tuple(text for _, text in state.history),
     )
 
 

@@ -474,17 +474,28 @@ class ScenarioInstance(_Model):
     def case_terms(self) -> tuple[str, ...]:
         """What this case is about, as words a relevant reply may mention: the user's facts (order id, product,
         restaurant, problem) and the names of the products/dishes in the business context."""
-        terms = [str(v) for v in self.user_facts.values() if isinstance(v, str | int) and not isinstance(v, bool)]
+        terms = [v for v in self.user_facts.values() if isinstance(v, str)]
         ctx = self.context
         for key in ("product", "order"):
             row = ctx.get(key) or {}
             terms += [str(row[k]) for k in ("name", "product_name", "restaurant", "order_id", "sku") if row.get(k)]
             terms += [str(it.get("name", "")) for it in row.get("items", []) if isinstance(it, dict)]
+            terms += [str(a.get("name", "")) for a in ctx.get("alternatives", []) if isinstance(a, dict)]
+        # the business context's own vocabulary (tracking, carrier, stock, refund, voucher, ...): a next-step reply
+        # about the case ("I will send you the tracking link") is on topic without repeating the user's words
+        for row in (ctx.get("order") or {}, ctx.get("product") or {}, ctx.get("policies") or {}):
+            terms += [w for k in row for w in k.split("_") if w not in _GENERIC_KEYS]
         return tuple(dict.fromkeys(t for t in terms if t))
 
     def business_context(self) -> dict[str, Any]:
         """B_t as the CS agent sees it (never the hidden goal)."""
         return {"scenario": self.family, "case_type": self.case_type, **self.context}
+
+
+_GENERIC_KEYS = frozenset(
+    {"id", "days", "day", "ago", "min", "value", "name", "qty", "max", "per", "has", "user", "eta", "customer",
+     "placed", "actual", "total", "prior", "90d", "months", "fraction", "required", "threshold"}
+)  # fmt: skip
 
 
 def _num(x: float) -> str:
