@@ -48,6 +48,19 @@ FUNCTION_WORDS = frozenset(
     he she they them their his her him isn't aren't wasn't don't doesn't didn't can't won't couldn't""".split()
 )
 """Closed-class English words: prose is ~40-55 % of them, a keyword list almost none."""
+ANCHOR_WORDS = frozenset(
+    """i i'm i'll i've i'd you you're you'll we we're we'll we've it it's they he she this that these those there here
+    is are was were be been am will would can could shall should may might must do does did have has had let let's
+    please isn't aren't don't doesn't didn't can't won't me us my your our them their his her him its thank thanks
+    """.split()
+)
+"""Pronouns and auxiliaries: a sentence has a subject or a verb among them; a keyword list has none."""
+GENERIC_WORDS = frozenset(
+    """week weeks day days today tomorrow yesterday time times next last now again soon later good great nice new
+    thing things want need like know get got make see look help thank thanks hello hi hey okay ok yes sure really
+    lot much many well way one two""".split()
+)
+"""Content words too common to show that a reply is about the user's message ("last week" / "next week")."""
 
 POLITE = re.compile(
     r"\b(please|thank(s| you)?|happy to help|glad to|my pleasure|appreciate|kind(ly)?|of course|certainly|"
@@ -86,7 +99,7 @@ def stem(word: str) -> str:
 
 def content_stems(text: str) -> set[str]:
     """Stems of the content (non-function) words of `text`."""
-    return {stem(w) for w in words(text) if w not in FUNCTION_WORDS and len(w) > 1}
+    return {stem(w) for w in words(text) if w not in FUNCTION_WORDS and w not in GENERIC_WORDS and len(w) > 1}
 
 
 def segments(text: str) -> list[str]:
@@ -95,10 +108,11 @@ def segments(text: str) -> list[str]:
 
 
 def is_prose(segment: str) -> bool:
-    """A segment reads as a sentence: >= 3 words, >= 20 % of them function words (a sentence may sit inside a bullet;
-    "It costs $19." is one, "BassPro Over-Ear Headphones" is not)."""
+    """A segment reads as a sentence: >= 3 words, >= 20 % of them function words, at least one a pronoun or an
+    auxiliary (`ANCHOR_WORDS`). A sentence may sit inside a bullet; "It costs $19." is one, "BassPro Over-Ear
+    Headphones in stock" is not."""
     ws = words(_BULLET.sub("", segment))
-    if len(ws) < 3:
+    if len(ws) < 3 or not any(w in ANCHOR_WORDS for w in ws):
         return False
     return sum(w in FUNCTION_WORDS for w in ws) / len(ws) >= 0.2
 
