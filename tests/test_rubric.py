@@ -35,9 +35,16 @@ ISSUE_STUFFED = (
 
 
 def _case(reply: str, action: str = "chat", **kw) -> RubricCase:
-    base = dict(user_utterance=USER, reply=reply, action=action, case_terms=TERMS, context=CTX,
-                references=("The BassPro Over-Ear Headphones costs $89 and is in stock (80 left).",),
-                tasks_hit=("requirement_matching", "information_delivery"), task_pending="information_delivery")  # fmt: skip
+    base = {
+        "user_utterance": USER,
+        "reply": reply,
+        "action": action,
+        "case_terms": TERMS,
+        "context": CTX,
+        "references": ("The BassPro Over-Ear Headphones costs $89 and is in stock (80 left).",),
+        "tasks_hit": ("requirement_matching", "information_delivery"),
+        "task_pending": "information_delivery",
+    }
     base.update(kw)
     return RubricCase(**base)
 
