@@ -174,9 +174,9 @@ class JudgeConfig(Section):
     """Which judge scores CS replies: "rubric" = checkable evidence (gopo_online.rubric: hard constraints, SOP, task
     detectors, reference overlap, relevance, politeness/toxicity lexicons); "llm" = the judge model; "mixed" = a
     weighted mix of both. "auto" = "rubric" when the judge model is the small default (no model.path and
-    serving.simulator not "external"), "llm" when a capable judge is configured. Measured on the labelled set (docs/judge.md, 2026-12-01):
-    rubric AUC 0.99 / 1.00, margin 0.71 / 0.73 (ecommerce / food); SmolLM2-135M as LLM judge AUC 0.50 / 0.39,
-    margin -0.001, 3.3 s a call; mixed passes only through its rubric half."""
+    serving.simulator not "external"), "llm" when a capable judge is configured. Measured on the labelled set
+    (docs/judge.md, 2026-12-01): rubric AUC 0.99 / 1.00, margin 0.71 / 0.73 (ecommerce / food); SmolLM2-135M as LLM
+    judge AUC 0.50 / 0.39, margin -0.001, 3.3 s a call; mixed passes only through its rubric half."""
     mixed_rubric_weight: float = Field(default=0.5, ge=0, le=1)
     """mixed mode: weight of the rubric score per dimension (the LLM's weight is 1 - this)."""
     bench_llm_items: int = Field(default=13, ge=0)
