@@ -249,11 +249,13 @@ def _differences(value: Any) -> set[float]:
 def unsupported_facts(reply: str, context: Mapping[str, Any], dialogue: Sequence[str] = ()) -> list[str]:
     """Numbers and ids the reply states that neither the business context nor the dialogue supports (a wrong delay,
     price, window or order id). Supported: any number of the context or the dialogue, differences of numbers of one
-    record in the same unit (minutes late = actual_min - promised_min) and small counts (0-3)."""
+    record in the same unit (minutes late = actual_min - promised_min), fractions as percentages and small counts
+    (0-3)."""
     leaves = _flat(context)
     known = {float(v) for v in leaves if isinstance(v, int | float) and not isinstance(v, bool)}
     text_known = " ".join(str(v) for v in leaves if isinstance(v, str)) + " " + " ".join(dialogue)
     known |= _numbers(text_known) | _differences(context)
+    known |= {round(k * 100, 6) for k in known if 0 < k < 1}  # partial_refund_max_fraction 0.5 -> "50%"
     ids_known = set(_ID.findall(text_known))
     out = [m for m in _ID.findall(reply or "") if m not in ids_known]
     for x in _numbers(_ID.sub(" ", reply or "")):

@@ -85,6 +85,7 @@ def test_unsupported_numbers_are_named():
     food = {"order": {"promised_min": 30, "actual_min": 75}}
     assert unsupported_facts("It came 45 min late, after 75 min; sorry for the 2 cold dishes.", food) == []
     assert unsupported_facts("It came 50 min late.", food) == ["50"]
+    assert unsupported_facts("We refund up to 50% of it.", {"policies": {"partial_refund_max_fraction": 0.5}}) == []
     assert unsupported_facts("About order 999999: it is late.", {"order": {"order_id": "482211"}}) == ["999999"]
 
 
