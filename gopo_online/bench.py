@@ -63,6 +63,7 @@ BENCHES: dict[str, str] = {
     "vllm": "gopo_online.bench_parts:bench_vllm",
     "push": "gopo_online.bench_parts:bench_push",
     "learner": "trainer.bench:bench_learner",
+    "judge": "simulator.judge_bench:bench_judge",
     "learning": "gopo_online.bench_learning:bench_learning",
 }
 """Benchmark name -> `module:function(cfg) -> list[Row]`, imported only when run."""

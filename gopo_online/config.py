@@ -195,6 +195,20 @@ class JudgeConfig(Section):
     scoring: Literal["expected", "sampled"] = "expected"
     """vLLM judges: "expected" = G-Eval style probability-weighted score over the digit tokens the judge could have
     written (continuous, informative even from a small judge); "sampled" = the numbers in its answer."""
+    mode: Literal["auto", "rubric", "llm", "mixed"] = "auto"
+    """Which judge scores CS replies: "rubric" = checkable evidence (gopo_online.rubric: hard constraints, SOP, task
+    detectors, reference overlap, relevance, politeness/toxicity lexicons); "llm" = the judge model; "mixed" = a
+    weighted mix of both. "auto" = "rubric" when the judge model is the small default (no model.path and
+    serving.simulator not "external"), "llm" when a capable judge is configured. Measured on the labelled set
+    (docs/judge.md, 2026-12-01): rubric AUC 0.99 / 1.00, margin 0.71 / 0.73 (ecommerce / food); SmolLM2-135M as LLM
+    judge AUC 0.50 / 0.39, margin -0.001, 3.3 s a call; mixed passes only through its rubric half."""
+    mixed_rubric_weight: float = Field(default=0.5, ge=0, le=1)
+    """mixed mode: weight of the rubric score per dimension (the LLM's weight is 1 - this)."""
+    bench_llm_items: int = Field(default=13, ge=0)
+    """`bench --only judge`: labelled replies per family the llm and mixed modes score (0: rubric only)."""
+    rubric_gate_factor: float = Field(default=0.25, ge=0, le=1)
+    """rubric: every dimension of a reply failing a gate (empty, toxic, stuffed, copy of the user, off-topic, a broken
+    hard constraint) is multiplied by this."""
 
     @model_validator(mode="after")
     def _weights(self) -> JudgeConfig:

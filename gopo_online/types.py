@@ -8,7 +8,7 @@ never rewrite a value.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -117,6 +117,12 @@ class JudgeScores(Record):
     raw: str = ""
     ok: bool = True
     error: str | None = None
+    mode: str = "llm"
+    """Which judge produced it: "llm", "rubric" or "mixed" (gopo_online.rubric)."""
+    notes: tuple[str, ...] = ()
+    """Repairs and re-asks on the way to this verdict (e.g. a score outside the asked scale), in order."""
+    evidence: dict[str, Any] = Field(default_factory=dict)
+    """The rubric judge's raw evidence for this reply (checks, overlaps, gates), kept per turn."""
 
     @field_validator("scores")
     @classmethod

@@ -139,6 +139,24 @@ def _rewards(
     return joint_reward(r_e, r_a, turn, cfg.rewards).to_turn_rewards(process=proc, compliance=compliance.score)
 
 
+def _judge_reply(
+    judge: Judge | None,
+    state: DialogueState,
+    reply: str,
+    action: str,
+    instance: ScenarioInstance,
+    compliance: Compliance,
+) -> JudgeScores | None:
+    """The judge's verdict; a judge with `score_case` (simulator.judging: rubric / mixed modes) also gets the
+    scenario instance and the turn's hard-constraint checks."""
+    if judge is None:
+        return None
+    score_case = getattr(judge, "score_case", None)
+    if score_case is not None:
+        return score_case(state, reply, action, instance=instance, compliance=compliance)
+    return judge.score(state, reply, action)
+
+
 def play_episode(
     *,
     episode_id: str,
@@ -255,11 +273,11 @@ def play_episode(
             )
             stage = "judge"
             t_s = time.monotonic()
-            verdict = judge.score(cs_state, reply, action) if judge is not None else None
+            verdict = _judge_reply(judge, cs_state, reply, action, inst, compliance)
             timings["judge"] = time.monotonic() - t_s
             stage = "rewards"
             rewards = _rewards(cfg, t, skills, teach, verdict, compliance, expert is None)
-            rule_pending = {task for task in TASK_IDS if detect_task(inst, task, reply, action)}
+            rule_pending = {task for task in TASK_IDS if detect_task(inst, task, reply, action, utterance)}
             turn = Turn(
                 index=t,
                 user_utterance=utterance,

@@ -39,6 +39,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from gopo_online.config import gopo_home
+from gopo_online.rubric import is_copy, prose_sentences, relevant, structure
 from gopo_online.types import Skill
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -469,9 +470,32 @@ class ScenarioInstance(_Model):
     def scenario(self) -> ScenarioFamily:
         return get_family(self.family)
 
+    @property
+    def case_terms(self) -> tuple[str, ...]:
+        """What this case is about, as words a relevant reply may mention: the user's facts (order id, product,
+        restaurant, problem) and the names of the products/dishes in the business context."""
+        terms = [v for v in self.user_facts.values() if isinstance(v, str)]
+        ctx = self.context
+        for key in ("product", "order"):
+            row = ctx.get(key) or {}
+            terms += [str(row[k]) for k in ("name", "product_name", "restaurant", "order_id", "sku") if row.get(k)]
+            terms += [str(it.get("name", "")) for it in row.get("items", []) if isinstance(it, dict)]
+            terms += [str(a.get("name", "")) for a in ctx.get("alternatives", []) if isinstance(a, dict)]
+        # the business context's own vocabulary (tracking, carrier, stock, refund, voucher, ...): a next-step reply
+        # about the case ("I will send you the tracking link") is on topic without repeating the user's words
+        for row in (ctx.get("order") or {}, ctx.get("product") or {}, ctx.get("policies") or {}):
+            terms += [w for k in row for w in k.split("_") if w not in _GENERIC_KEYS]
+        return tuple(dict.fromkeys(t for t in terms if t))
+
     def business_context(self) -> dict[str, Any]:
         """B_t as the CS agent sees it (never the hidden goal)."""
         return {"scenario": self.family, "case_type": self.case_type, **self.context}
+
+
+_GENERIC_KEYS = frozenset(
+    {"id", "days", "day", "ago", "min", "value", "name", "qty", "max", "per", "has", "user", "eta", "customer",
+     "placed", "actual", "total", "prior", "90d", "months", "fraction", "required", "threshold"}
+)  # fmt: skip
 
 
 def _num(x: float) -> str:
@@ -749,25 +773,54 @@ def sample_instance(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def detect_task(instance: ScenarioInstance, task_id: str, reply: str, action: str) -> bool:
-    """Does this reply/action complete `task_id` (rule detector, see module docstring)?"""
+def reply_substantive(instance: ScenarioInstance, reply: str, user_text: str | None = None) -> tuple[bool, str]:
+    """(ok, why not): a reply that can complete a task at all. It must be built of sentences, not a keyword list or a
+    repeated product name (`gopo_online.rubric.structure`); with the user's last message given, it must not be a copy
+    of it and must relate to it or to the case (`rubric.relevant`)."""
+    st = structure(reply)
+    if st.n_words == 0:
+        return False, "empty"
+    if st.stuffed:
+        return False, f"stuffed ({st.as_dict()})"
+    if user_text is not None:
+        if is_copy(reply, user_text):
+            return False, "copy of the user's message"
+        if not relevant(reply, user_text, instance.case_terms):
+            return False, "unrelated to the user's message and the case"
+    return True, ""
+
+
+def detect_task(
+    instance: ScenarioInstance, task_id: str, reply: str, action: str, user_text: str | None = None
+) -> bool:
+    """Does this reply/action complete `task_id` (rule detector, see module docstring)?
+
+    Structure and relevance first, then the fact: the reply must be substantive (`reply_substantive`), and a task
+    pattern counts only where it occurs inside a prose sentence of the reply, so a list of keywords, the product name
+    repeated with bullet fragments, or an unrelated reply satisfies no task. The guidance action tag still counts for
+    proactive_guidance, but only on a substantive reply."""
+    if not reply_substantive(instance, reply, user_text)[0]:
+        return False
     if task_id == "proactive_guidance" and action in instance.guidance_actions:
         return True
-    return any(re.search(p, reply, re.I) for p in instance.task_patterns.get(task_id, ()))
+    sentences = prose_sentences(reply)
+    return any(re.search(p, s, re.I) for p in instance.task_patterns.get(task_id, ()) for s in sentences)
 
 
 def next_task(done: tuple[str, ...]) -> str | None:
     return next((t for t in TASK_IDS if t not in done), None)
 
 
-def detect_tasks(instance: ScenarioInstance, reply: str, action: str, done: tuple[str, ...]) -> tuple[str, ...]:
+def detect_tasks(
+    instance: ScenarioInstance, reply: str, action: str, done: tuple[str, ...], user_text: str | None = None
+) -> tuple[str, ...]:
     """Tasks newly completed by this reply, in order: pending tasks are checked one after the other and the
     first one not detected stops the walk (sequential engagement)."""
     out: list[str] = []
     for task in TASK_IDS:
         if task in done:
             continue
-        if not detect_task(instance, task, reply, action):
+        if not detect_task(instance, task, reply, action, user_text):
             break
         out.append(task)
     return tuple(out)

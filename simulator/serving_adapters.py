@@ -108,13 +108,21 @@ class ServedJudge:
         )
 
 
-def judge_or_none(cfg: GopoConfig, sim_client: Any, sim_model: str, *, vllm: bool = True) -> ServedJudge | None:
-    """The judge on the simulator backend; None when gopo_online.serving.judge is not installed."""
+def judge_or_none(cfg: GopoConfig, sim_client: Any, sim_model: str, *, vllm: bool = True) -> Any:
+    """The episode judge of `judge.mode` (simulator.judging.EpisodeJudge): the rubric alone, or with the LLM judge on
+    the simulator backend (llm / mixed). None when an LLM mode is asked and gopo_online.serving.judge is missing."""
+    from gopo_online.rubric import resolve_mode
+    from simulator.judging import EpisodeJudge
+
+    mode = resolve_mode(cfg)
+    if mode == "rubric":
+        return EpisodeJudge(cfg, mode)
     try:
         from gopo_online.serving.judge import Judge
     except ImportError:
         return None
-    return ServedJudge(Judge(sim_client, model=sim_model, cfg=cfg.judge, structured=vllm), cfg.agents.cs.history_k)
+    llm = ServedJudge(Judge(sim_client, model=sim_model, cfg=cfg.judge, structured=vllm), cfg.agents.cs.history_k)
+    return EpisodeJudge(cfg, mode, llm)
 
 
 def two_agent_factory(
@@ -131,7 +139,7 @@ def two_agent_factory(
     cs = ServedCS(pc, cfg, policy_version)
     judge = judge_or_none(cfg, sim_client, sim_model, vllm=sim_vllm)
 
-    def factory() -> tuple[ServedExpert, ServedCS, ServedJudge | None]:
+    def factory() -> tuple[ServedExpert, ServedCS, Any]:
         return expert, cs, judge
 
     return factory

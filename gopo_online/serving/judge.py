@@ -3,10 +3,13 @@
 Any OpenAI-compatible model works. The judge is asked for JSON:
 `{"scores": {dim: 1..10, ...}, "principles": {name: 0 | 0.5 | 1, ...}}`; on vLLM the answer is constrained by a
 JSON schema (`structured_outputs.json`, whitespace disabled: xgrammar otherwise lets a model pad with long runs of
-whitespace, DESIGN §5). A malformed answer is repaired (code fences stripped, the first {...} extracted, numbers on
-other scales mapped to [0, 1], principles snapped to {0, 0.5, 1}); if a dimension is still missing the judge is
-asked again, up to `JudgeConfig.retries` times, and then the verdict is an explicit failure. Scores are never
-invented, and every raw answer is kept.
+whitespace). A malformed answer is repaired (code fences stripped, the first {...} extracted, "7/10" read as
+7); a number outside the asked scale (0.9, 10.5, 11, -3, "80%", a principle other than 0 / 0.5 / 1) is REJECTED,
+never rescaled. If a dimension is missing or off scale the judge is asked again, up to `JudgeConfig.retries`
+times, and then the verdict is an explicit failure. Scores are never invented, every raw answer is kept, and each
+re-ask's reason is kept in `JudgeScores.notes`.
+
+This is the "llm" judge mode; "rubric" and "mixed" live in `gopo_online.rubric` (see `JudgeConfig.mode`).
 """
 
 from __future__ import annotations
@@ -48,49 +51,57 @@ class JudgeParseError(ValueError):
     """A judge answer that could not be repaired into a full verdict."""
 
 
-def _number(value: Any) -> float | None:
-    """A float from 7, 7.5, "7", "7/10", "80%"; None when it is not a number."""
+class OutOfScale(ValueError):
+    """A judge number that is not on the scale the judge was asked for (rejected and re-asked, never rescaled)."""
+
+
+_PRINCIPLE_WORDS = {"yes": 1.0, "true": 1.0, "met": 1.0, "partial": 0.5, "partly": 0.5, "no": 0.0, "false": 0.0}
+
+
+def _number(value: Any, *, principle: bool = False) -> float | None:
+    """A float from 7, 7.5, "7", "7/10" (rubric scores) or 0/0.5/1, "yes"/"partial"/"no" (principles); None when it is
+    not a number. A number written on another explicit scale ("4/5", "80%") raises OutOfScale: guessing which scale a
+    judge meant is how 11 became 0.11 (issue 11)."""
     if isinstance(value, bool):
-        return float(value)
+        if principle:
+            return float(value)
+        raise OutOfScale(f"{value!r} is not a score on {SCORE_MIN}..{SCORE_MAX}")
     if isinstance(value, int | float):
         return float(value) if math.isfinite(value) else None
     if isinstance(value, str):
         s = value.strip().lower()
-        words = {"yes": 1.0, "true": 1.0, "partial": 0.5, "partly": 0.5, "no": 0.0, "false": 0.0}
-        if s in words:
-            return words[s]
+        if principle and s in _PRINCIPLE_WORDS:
+            return _PRINCIPLE_WORDS[s]
         m = re.fullmatch(r"(-?\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)", s)
-        if m and float(m.group(2)) > 0:
-            return float(m.group(1)) / float(m.group(2)) * SCORE_MAX  # "7/10" -> 7 on the 1..10 scale
-        m = re.fullmatch(r"(-?\d+(?:\.\d+)?)\s*%", s)
         if m:
-            return float(m.group(1)) / 100 * SCORE_MAX
-        m = re.fullmatch(r"-?\d+(?:\.\d+)?", s)
-        if m:
+            if principle or float(m.group(2)) != SCORE_MAX:
+                raise OutOfScale(f"{value!r} is on another scale than the one asked")
+            return float(m.group(1))  # "7/10" is the asked scale, written out
+        if s.endswith("%"):
+            raise OutOfScale(f"{value!r} is a percentage, not the scale asked")
+        if re.fullmatch(r"-?\d{1,6}(?:\.\d{1,6})?", s):
             return float(s)
     if isinstance(value, Mapping):  # {"score": 7, "reason": "..."}
         for key in ("score", "value", "rating"):
             if key in value:
-                return _number(value[key])
+                return _number(value[key], principle=principle)
     return None
 
 
 def normalise_score(x: float) -> float:
-    """A rubric score on the asked 1..10 scale -> [0, 1]. Fractions in (0, 1) are taken as already normalised;
-    values in (10, 100] as percentages; everything is clamped into [0, 1]."""
-    if 0.0 < x < 1.0 and x != int(x):
-        return x
-    if SCORE_MAX < x <= 100.0:
-        return x / 100.0
-    return min(1.0, max(0.0, (x - SCORE_MIN) / (SCORE_MAX - SCORE_MIN)))
+    """A rubric score on the asked 1..10 scale -> [0, 1] as (x - 1) / 9. Anything outside [1, 10] (0.9, 10.5, 11, -3)
+    raises OutOfScale: the judge is re-asked instead of having its number reinterpreted."""
+    if not (math.isfinite(x) and SCORE_MIN <= x <= SCORE_MAX):
+        raise OutOfScale(f"{x:g} is outside the asked scale {SCORE_MIN}..{SCORE_MAX}")
+    return (x - SCORE_MIN) / (SCORE_MAX - SCORE_MIN)
 
 
 def snap_principle(x: float) -> float:
-    """A principle verdict -> {0, 0.5, 1}. Values above 1 are read on the 1..10 scale first."""
-    if x > 1.0:
-        x = normalise_score(x)
-    x = min(1.0, max(0.0, x))
-    return min((0.0, 0.5, 1.0), key=lambda v: abs(v - x))
+    """A principle verdict must be 0, 0.5 or 1 (InteractCS eq 6); anything else raises OutOfScale."""
+    for v in (0.0, 0.5, 1.0):
+        if abs(x - v) < 1e-9:
+            return v
+    raise OutOfScale(f"{x:g} is not a principle verdict (0, 0.5 or 1)")
 
 
 def _find(data: Mapping[str, Any], key: str) -> Any:
@@ -120,21 +131,29 @@ def parse_judgement(text: str, dimensions: Sequence[str], principles: Sequence[s
 
     scores: dict[str, float] = {}
     missing: list[str] = []
+    off_scale: list[str] = []
     for dim in dimensions:
-        x = _number(_find(score_src, dim))
-        if x is None:
-            missing.append(dim)
-        else:
-            scores[dim] = normalise_score(x)
+        try:
+            x = _number(_find(score_src, dim))
+            if x is None:
+                missing.append(dim)
+            else:
+                scores[dim] = normalise_score(x)
+        except OutOfScale as e:
+            off_scale.append(f"{dim}: {e}")
     verdicts: dict[str, float] = {}
     for name in principles:
-        x = _number(_find(principle_src, name))
-        if x is None:
-            missing.append(f"principle:{name}")
-        else:
-            verdicts[name] = snap_principle(x)
-    if missing:
-        raise JudgeParseError(f"judge answer lacks {missing}: {obj[:200]!r}")
+        try:
+            x = _number(_find(principle_src, name), principle=True)
+            if x is None:
+                missing.append(f"principle:{name}")
+            else:
+                verdicts[name] = snap_principle(x)
+        except OutOfScale as e:
+            off_scale.append(f"principle:{name}: {e}")
+    if missing or off_scale:
+        parts = ([f"lacks {missing}"] if missing else []) + ([f"out of scale: {off_scale}"] if off_scale else [])
+        raise JudgeParseError(f"judge answer {'; '.join(parts)}: {obj[:200]!r}")
     return JudgeScores(scores=scores, principles=verdicts, raw=text, ok=True)
 
 
@@ -207,7 +226,11 @@ def parse_expected(result: Any, dimensions: Sequence[str], principles: Sequence[
     if len(values) != len(names):
         raise JudgeParseError(f"expected {len(names)} scores in the judge answer, found {len(values)}: {text[:200]!r}")
     scores = {d: (v - 1.0) / (EXPECTED_MAX - 1.0) for d, v in zip(dimensions, values, strict=False)}
-    verdicts = {p: snap_principle(v / 2.0) for p, v in zip(principles, values[len(dimensions) :], strict=True)}
+    # the expectation over {0, 1, 2} is continuous: round it to the nearest verdict (the grammar keeps it on scale)
+    verdicts = {
+        p: min((0.0, 0.5, 1.0), key=lambda x, v=v: abs(x - v / 2.0))
+        for p, v in zip(principles, values[len(dimensions) :], strict=True)
+    }
     return JudgeScores(scores=scores, principles=verdicts, raw=result.text, ok=True)
 
 
@@ -339,9 +362,12 @@ class Judge:
             except JudgeParseError as e:
                 errors.append(f"attempt {attempt + 1}: {e}")
                 continue
-            # Keep every raw answer (the failed ones too), in order, so a repaired verdict can be audited.
-            return verdict.model_copy(update={"raw": "\n---\n".join(raws)})
-        return JudgeScores(ok=False, error="; ".join(errors), raw="\n---\n".join(raws))
+            # Keep every raw answer (the failed ones too), in order, and why each was re-asked, so a verdict can be
+            # audited: a re-ask after an out-of-scale number is a note on the verdict, not a silent rescale.
+            return verdict.model_copy(
+                update={"raw": "\n---\n".join(raws), "notes": (*verdict.notes, *(f"re-asked: {e}" for e in errors))}
+            )
+        return JudgeScores(ok=False, error="; ".join(errors), raw="\n---\n".join(raws), notes=tuple(errors))
 
 
 def _help(name: str) -> str:

@@ -13,6 +13,7 @@ from gopo_online.serving.client import ChatResult
 from gopo_online.serving.judge import (
     Judge,
     JudgeParseError,
+    OutOfScale,
     expected_digit,
     judge_regex,
     judge_schema,
@@ -65,26 +66,63 @@ def test_recorded_answer_values():
     assert v.principles == {"logic": 1.0, "empathy": 1.0, "compliance": 1.0}
 
 
-def test_repairs_fences_quotes_scales_and_flat_form():
+def test_repairs_fences_quotes_words_and_flat_form():
     text = (
-        "Sure! ```json\n{'scores': {'Quality': '8/10', 'skill compliance': 0.75, 'empathy': 85, 'diversity': 1,}, "
-        "principles: {'logic': 'partial', 'empathy': 0.4, 'compliance': 9}}\n```"
+        "Sure! ```json\n{'scores': {'Quality': '8/10', 'skill compliance': 7.5, 'empathy': 10, 'diversity': 1,}, "
+        "principles: {'logic': 'partial', 'empathy': 0.5, 'compliance': 'yes'}}\n```"
     )
     v = parse_judgement(
         text, ["quality", "skill_compliance", "empathy", "diversity"], ["logic", "empathy", "compliance"]
     )
-    # 8/10 -> 8 -> 7/9; 0.75 is a fraction already; 85 is a percentage; 1 is the scale's bottom -> 0
-    assert v.scores == pytest.approx({"quality": 7 / 9, "skill_compliance": 0.75, "empathy": 0.85, "diversity": 0.0})
-    # "partial" -> 0.5; 0.4 snaps to 0.5; 9 on 1..10 -> 8/9 -> snaps to 1
+    # 8/10 is the asked scale written out -> 8 -> 7/9; 7.5 -> 6.5/9; 10 -> 1; 1 is the scale's bottom -> 0
+    assert v.scores == pytest.approx({"quality": 7 / 9, "skill_compliance": 6.5 / 9, "empathy": 1.0, "diversity": 0.0})
     assert v.principles == {"logic": 0.5, "empathy": 0.5, "compliance": 1.0}
     flat = parse_judgement('{"quality": 10, "logic": 0}', ["quality"], ["logic"])
     assert flat.scores == {"quality": 1.0} and flat.principles == {"logic": 0.0}
 
 
-def test_out_of_range_values_are_clamped():
-    assert normalise_score(0) == 0.0 and normalise_score(11) == pytest.approx(0.11) and normalise_score(-3) == 0.0
-    assert normalise_score(1000) == 1.0
-    assert snap_principle(0.2) == 0.0 and snap_principle(0.76) == 1.0 and snap_principle(-1) == 0.0
+# Issue 11 item 3: these were silently mapped (11 -> 0.11, 10.5 -> 0.105, 0.9 -> 0.9, -3 -> 0, 85 -> 0.85, a principle
+# 0.4 -> 0.5 or 9 -> 1). Every one is now rejected with the value named.
+@pytest.mark.parametrize(
+    "quality", [11, 10.5, 0.9, -3, 0, 85, 1000, '"80%"', '"4/5"', '"11"', "true"], ids=lambda v: f"quality={v}"
+)
+def test_scores_off_the_asked_scale_are_rejected_not_rescaled(quality):
+    with pytest.raises(JudgeParseError, match="out of scale"):
+        parse_judgement(f'{{"scores": {{"quality": {quality}}}, "principles": {{"logic": 1}}}}', ["quality"], ["logic"])
+
+
+@pytest.mark.parametrize("logic", [0.4, 0.76, 2, 9, -1, '"3/5"'])
+def test_principles_off_their_scale_are_rejected(logic):
+    with pytest.raises(JudgeParseError, match="out of scale"):
+        parse_judgement(f'{{"scores": {{"quality": 5}}, "principles": {{"logic": {logic}}}}}', ["quality"], ["logic"])
+
+
+def test_scale_edges_map_exactly():
+    assert normalise_score(1) == 0.0 and normalise_score(1.0) == 0.0 and normalise_score(10) == 1.0
+    assert normalise_score(5.5) == pytest.approx(0.5)  # (5.5 - 1) / 9
+    for bad in (0.9, 10.5, 11, -3, float("nan")):
+        with pytest.raises(OutOfScale):
+            normalise_score(bad)
+    assert [snap_principle(x) for x in (0, 0.5, 1)] == [0.0, 0.5, 1.0]
+    with pytest.raises(OutOfScale):
+        snap_principle(0.76)
+
+
+def test_off_scale_answer_is_reasked_and_the_note_kept():
+    dims = ["quality"]
+    cfg = JudgeConfig(dimensions={"quality": 1.0}, gre_dimensions=[], principles={"logic": 1.0}, retries=1,
+                      scoring="sampled")  # fmt: skip
+    backend = Replay(['{"scores": {"quality": 11}, "principles": {"logic": 1}}',
+                      '{"scores": {"quality": 7}, "principles": {"logic": 1}}'])  # fmt: skip
+    v = Judge(backend, model="j", cfg=cfg).score("where?", "sorry", "chat")
+    assert len(backend.calls) == 2 and v.ok and v.scores["quality"] == pytest.approx(6 / 9)  # the re-ask's 7
+    assert len(v.notes) == 1 and "quality" in v.notes[0] and "11" in v.notes[0] and "re-asked" in v.notes[0]
+    assert set(v.scores) == set(dims)
+    # twice off scale: an explicit failure, both reasons kept
+    backend = Replay(['{"scores": {"quality": 11}, "principles": {"logic": 1}}',
+                      '{"scores": {"quality": -3}, "principles": {"logic": 1}}'])  # fmt: skip
+    v = Judge(backend, model="j", cfg=cfg).score("where?", "sorry", "chat")
+    assert not v.ok and v.scores == {} and len(v.notes) == 2 and "-3" in v.error
 
 
 def test_schema_enumerates_the_ranges():

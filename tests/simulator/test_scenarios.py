@@ -77,9 +77,11 @@ def test_tse_detection_is_sequential(store):
     # facts alone do not complete task 2 before task 1... but this reply names the order AND the delay: both
     reply = f"Sorry about order {o['order_id']}: it came {o['actual_min'] - o['promised_min']} minutes late."
     assert detect_tasks(inst, reply, "chat", ()) == ("requirement_matching", "information_delivery")
-    assert detect_tasks(inst, "Thanks for waiting.", "voucher", ("requirement_matching", "information_delivery")) == (
-        "proactive_guidance",
-    )
+    # the guidance action completes the last task on a real reply, not on a fragment (an action tag on a non-sentence
+    # is how a stuffed reply collected TSE 1.0, issue 8)
+    done = ("requirement_matching", "information_delivery")
+    assert detect_tasks(inst, "Thanks for waiting.", "voucher", done) == ("proactive_guidance",)
+    assert detect_tasks(inst, "voucher", "voucher", done) == ()
     assert detect_tasks(inst, "ok", "voucher", ()) == ()  # guidance cannot complete before matching
 
 
@@ -88,7 +90,9 @@ def test_ecommerce_detection_uses_store_facts(store):
     p = inst.context["product"]
     assert detect_task(inst, "information_delivery", f"It costs ${p['price']:.2f}.", "chat")
     assert not detect_task(inst, "information_delivery", "It is a nice product.", "chat")
-    assert detect_task(inst, "proactive_guidance", "anything", "recommend")
+    # the guidance action counts on a real reply; an action tag on a non-reply used to complete the task (gaming)
+    assert detect_task(inst, "proactive_guidance", "Here is a model that fits what you need.", "recommend")
+    assert not detect_task(inst, "proactive_guidance", "anything", "recommend")
 
 
 def test_sop_rules(store):
