@@ -348,46 +348,40 @@ def train(
             children.append(learner)
 
             def restart_learner() -> None:
+                # Its unacked trajectories go back on the queue now (not after the visibility timeout); it is
+                # their only consumer. Raises while the broker is down: the supervisor retries with backoff.
+                redelivered["learner"] = _restore_unacked(url, topo.trajectory_exchange.name)
                 # resume from its checkpoint whatever run.resume said at the start: versions only move forward
                 if "run.resume=true" not in learner.args:
                     learner.args += ["--set", "run.resume=true"]
                 learner.spawn()
+
+            def restart_worker(w: Child) -> None:
+                """The dead worker's episodes go back on the queue now, not after the visibility timeout: the
+                exact unacked messages its hold marks name (a copy under the same id if one is missing). The same
+                episode ids: the done mark and the learner's dedupe keep each one trained at most once."""
+                from workers.app import held_episodes, worker_name
+
+                held = held_episodes(url, cfg.broker.task_queue, worker_name(w.pid))
+                back = _restore_unacked(url, topo.task_exchange.name, task_ids=set(held))
+                back += inflight.redispatch([e for e in held if e not in set(back)])
+                redelivered[w.name] = back
+                w.spawn()
 
             sup.add(Part.of_child(learner, done_on_success=True, restart=restart_learner))
             for i in range(cfg.workers.count):
                 w = Child(f"worker-{i}", ["worker", *cli_args], logs / f"worker-{i}.log", env, WORKER_GRACE_S,
                           stop_signal=signal.SIGQUIT)  # fmt: skip
                 children.append(w)
-                sup.add(Part.of_child(w))
+                sup.add(Part.of_child(w, restart=lambda w=w: restart_worker(w)))
         for child in reversed(children):
             stack.callback(child.stop)
-        by_name = {c.name: c for c in children}
 
-        def on_death(part: Part) -> None:
-            """A dead worker's episodes go back on the queue now (not after the visibility timeout); a dead
-            learner's unacked trajectories too. The same episode ids: dedupe keeps it at most once."""
-            child = by_name.get(part.name)
-            try:
-                if part.name.startswith("worker-") and child is not None:
-                    from workers.app import held_episodes, worker_name
-
-                    held = held_episodes(url, cfg.broker.task_queue, worker_name(child.pid))
-                    back = _restore_unacked(url, topo.task_exchange.name, task_ids=set(held))
-                    missing = [e for e in held if e not in set(back)]
-                    back += inflight.redispatch(missing)
-                    redelivered[part.name] = back
-                elif part.name == "learner":
-                    redelivered[part.name] = _restore_unacked(url, topo.trajectory_exchange.name)
-            except Exception as e:  # noqa: BLE001 - the deadline still catches what could not be redelivered
-                log.warning("could not redeliver what %s held: %r", part.name, e)
-
-        sup.on_death = on_death
-        if not spawn and embedded is None:
-            sup.parts.clear()
 
         # -- 5. dispatch, follow events, show
         started = time.time()
         last_system = 0.0
+        done_seen: set[str] = set()
         queued_trajectories = 0
         # Trajectories waiting for the learner beyond this many would age past max_staleness before it reaches
         # them (each step consumes batch_episodes and bumps the version): dispatching more only burns compute.
@@ -439,6 +433,8 @@ def train(
                 now = time.time()
                 if now - last_system >= SYSTEM_EVERY_S:
                     last_system = now
+                    for eid in _done_without_event(url, cfg, inflight, done_seen):
+                        on_episode(eid, "ok")  # its event was lost (e.g. sent while the broker restarted)
                     queued_trajectories = _system_event(sink, url, cfg, inflight, state, queued_trajectories)
                     state.save(state_path)
                 time.sleep(0.2)
@@ -471,6 +467,35 @@ def _restore_unacked(url: str, exchange: str, task_ids: set[str] | None = None) 
     from workers.dispatch import restore_unacked
 
     return restore_unacked(url, None, exchange=exchange, task_ids=task_ids)
+
+
+def _done_without_event(url: str, cfg: GopoConfig, inflight: Any, seen: set[str]) -> list[str]:
+    """In-flight episodes whose done mark (workers/app.py, Redis) was already there at the previous check: their
+    trajectory is published but the controller missed the event. Seen twice, so a normal event has time to come."""
+    from gopo_online.stream import is_redis
+
+    if not is_redis(url) or not len(inflight):
+        seen.clear()
+        return []
+    import redis
+
+    ids = list(inflight.out)
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        try:
+            pipe = client.pipeline()
+            for eid in ids:
+                pipe.exists(f"{cfg.broker.task_queue}:done:{eid}")
+            marks = pipe.execute()
+        finally:
+            client.close()
+    except Exception:  # noqa: BLE001 - broker down: try at the next tick
+        return []
+    done = {eid for eid, m in zip(ids, marks, strict=True) if m}
+    out = sorted(done & seen)
+    seen.clear()
+    seen.update(done - set(out))
+    return out
 
 
 def _system_event(sink: Any, url: str, cfg: GopoConfig, inflight: Any, state: ControllerState, queued: int) -> int:

@@ -24,8 +24,12 @@ def test_consume_tracks_step_version_episodes(tmp_path: Path) -> None:
     sink, m, _ = _sink(tmp_path)
     seen: list[tuple[str, str]] = []
     evs = [
-        MonitorEvent(kind="episode", time=100.0, metrics={"episode/tokens": 120.0},
-                     payload={"episode_id": "ep-1", "status": "ok"}),  # fmt: skip
+        MonitorEvent(
+            kind="episode",
+            time=100.0,
+            metrics={"episode/tokens": 120.0},
+            payload={"episode_id": "ep-1", "status": "ok"},
+        ),  # fmt: skip
         MonitorEvent(kind="learner", step=3, time=101.0, metrics={"loss/policy": 0.5}),
         MonitorEvent(kind="push", step=2, time=102.0, metrics={"sys/policy_version": 2.0}),
         MonitorEvent(kind="push", step=1, time=103.0, metrics={"sys/policy_version": 1.0}),  # late, older
