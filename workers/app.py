@@ -28,7 +28,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import random
 import socket
 import threading
 import time
@@ -48,7 +47,7 @@ from gopo_online.stream import (
     is_redis,
 )
 from gopo_online.types import Trajectory
-from workers.rollout import WorkerContext, is_transient
+from workers.rollout import TransientError, WorkerContext, is_transient
 
 if TYPE_CHECKING:
     from gopo_online.config import GopoConfig
@@ -237,8 +236,12 @@ def make_app(cfg: GopoConfig, broker_url: str, ctx: WorkerContext | None = None)
     hold_ttl_s = cfg.workers.episode_timeout_s * (max_retries + 1) + 120.0
 
     # shared=False: a shared task would be registered into every later Celery app too, closure and all.
+    # Retries are Celery's own: a TransientError raised out of the task is retried after an exponential backoff
+    # (retry_backoff * 2**retries s, at most 60 s, full jitter), at most max_retries times; the task turns the
+    # last failure into an error Trajectory itself, so autoretry never has to give up on it.
     @app.task(bind=True, name=EPISODE_TASK_NAME, max_retries=max_retries, acks_late=True, reject_on_worker_lost=True,
-              shared=False)  # fmt: skip
+              shared=False, autoretry_for=(TransientError,), retry_backoff=max(1.0, ctx.retry_backoff_s),
+              retry_backoff_max=60, retry_jitter=True)  # fmt: skip
     def run_episode(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
         """Play and publish one episode. Returns a small status dict (for logs; no result backend)."""
         started_at = time.time()
@@ -265,10 +268,8 @@ def make_app(cfg: GopoConfig, broker_url: str, ctx: WorkerContext | None = None)
                 raise TypeError(f"rollout returned {type(traj).__name__} for {eid!r}, not its Trajectory")
         except Exception as exc:  # noqa: BLE001 - every failure becomes a retry or an explicit error record
             if is_transient(exc) and retries < max_retries:
-                countdown = min(60.0, ctx.retry_backoff_s * 2**retries) * random.uniform(0.8, 1.2)
-                log.warning("episode %s: transient %r; retry %d/%d in %.1fs", eid, exc, retries + 1, max_retries,
-                            countdown)  # fmt: skip
-                raise self.retry(exc=exc, countdown=countdown) from exc
+                log.warning("episode %s: transient %r; retry %d/%d", eid, exc, retries + 1, max_retries)
+                raise TransientError(f"{type(exc).__name__}: {exc}") from exc
             kind = "transient failure, retries exhausted" if is_transient(exc) else "failure"
             reason = f"{kind} after {retries} retr{'y' if retries == 1 else 'ies'}: {type(exc).__name__}: {exc}"
             traj = error_trajectory(request, reason, worker=ctx.worker_name, started_at=started_at)
@@ -278,7 +279,7 @@ def make_app(cfg: GopoConfig, broker_url: str, ctx: WorkerContext | None = None)
             ctx.get_publisher().publish(traj)
         except Exception as exc:  # noqa: BLE001 - broker trouble: retry the whole task (redelivery covers the rest)
             if retries < max_retries:
-                raise self.retry(exc=exc, countdown=min(60.0, ctx.retry_backoff_s * 2**retries)) from exc
+                raise TransientError(f"publish failed: {type(exc).__name__}: {exc}") from exc
             raise
         done.mark_done(eid)
         done.release(eid)
