@@ -91,12 +91,16 @@ class Child:
         return tail_lines(self.log_path, n)
 
     def stop(self) -> int | None:
-        """`stop_signal` (SIGINT: the learner checkpoints; SIGKILL for a worker: its episodes are handed back),
-        then SIGTERM, then SIGKILL, each after its grace period. Idempotent."""
+        """`stop_signal` (SIGINT: the learner checkpoints), then SIGTERM, then SIGKILL, each after its grace period.
+        SIGQUIT (a worker: Celery's cold shutdown) or SIGKILL skip SIGTERM. Idempotent."""
         if self.alive():
             steps = [(self.stop_signal, self.grace_s), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)]
-            if self.stop_signal == signal.SIGKILL:
-                steps = [(signal.SIGKILL, 5.0)]
+            if self.stop_signal in (signal.SIGKILL, signal.SIGQUIT):
+                # a cold stop (a Celery worker: its episodes are handed back, not finished): no SIGTERM, whose
+                # warm shutdown would wait for them
+                steps = [(self.stop_signal, self.grace_s), (signal.SIGKILL, 5.0)]
+                if self.stop_signal == signal.SIGKILL:
+                    steps = steps[1:]
             for sig, wait in steps:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, sig)

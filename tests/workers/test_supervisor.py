@@ -155,3 +155,17 @@ def test_stop_kill_signal_is_immediate(tmp_path: Path) -> None:
     t0 = time.monotonic()
     assert child.stop() == -signal.SIGKILL
     assert time.monotonic() - t0 < 5.0
+
+
+def test_cold_stop_skips_warm_shutdown(tmp_path: Path) -> None:
+    # a worker whose cold shutdown hangs (SIGQUIT ignored) and whose warm shutdown would wait (SIGTERM ignored)
+    code = ("import signal, time; signal.signal(signal.SIGQUIT, signal.SIG_IGN); "
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)")  # fmt: skip
+    child = Child("worker-0", [], tmp_path / "w.log", dict(os.environ), 1.0, stop_signal=signal.SIGQUIT,
+                  argv0=[sys.executable, "-c", code])  # fmt: skip
+    deadline = time.time() + 10
+    while "up" not in child.log_tail() and time.time() < deadline:
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    assert child.stop() == -signal.SIGKILL
+    assert time.monotonic() - t0 < 4.0  # 1 s grace, then SIGKILL: no 10 s SIGTERM step
