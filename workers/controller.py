@@ -332,8 +332,8 @@ def train(
             if not spawn:
                 return
             try:
-                back = _restore_unacked(url, topo.task_exchange.name)
-                _restore_unacked(url, topo.trajectory_exchange.name)  # a learner killed past its grace
+                back = _restore_unacked(url, topo.task_queue.name)
+                _restore_unacked(url, topo.trajectory_queue.name)  # a learner killed past its grace
             except Exception as e:  # noqa: BLE001 - the broker may be the part that failed
                 log.warning("could not restore unacked messages: %r", e)
                 back = []
@@ -350,7 +350,7 @@ def train(
             def restart_learner() -> None:
                 # Its unacked trajectories go back on the queue now (not after the visibility timeout); it is
                 # their only consumer. Raises while the broker is down: the supervisor retries with backoff.
-                redelivered["learner"] = _restore_unacked(url, topo.trajectory_exchange.name)
+                redelivered["learner"] = _restore_unacked(url, topo.trajectory_queue.name)
                 # resume from its checkpoint whatever run.resume said at the start: versions only move forward
                 if "run.resume=true" not in learner.args:
                     learner.args += ["--set", "run.resume=true"]
@@ -363,7 +363,7 @@ def train(
                 from workers.app import held_episodes, worker_name
 
                 held = held_episodes(url, cfg.broker.task_queue, worker_name(w.pid))
-                back = _restore_unacked(url, topo.task_exchange.name, task_ids=set(held))
+                back = _restore_unacked(url, topo.task_queue.name, task_ids=set(held))
                 back += inflight.redispatch([e for e in held if e not in set(back)])
                 redelivered[w.name] = back
                 w.spawn()
@@ -376,7 +376,6 @@ def train(
                 sup.add(Part.of_child(w, restart=lambda w=w: restart_worker(w)))
         for child in reversed(children):
             stack.callback(child.stop)
-
 
         # -- 5. dispatch, follow events, show
         started = time.time()
@@ -463,10 +462,10 @@ def train(
     return exit_code
 
 
-def _restore_unacked(url: str, exchange: str, task_ids: set[str] | None = None) -> list[str]:
+def _restore_unacked(url: str, queue: str, task_ids: set[str] | None = None) -> list[str]:
     from workers.dispatch import restore_unacked
 
-    return restore_unacked(url, None, exchange=exchange, task_ids=task_ids)
+    return restore_unacked(url, None, queue=queue, task_ids=task_ids)
 
 
 def _done_without_event(url: str, cfg: GopoConfig, inflight: Any, seen: set[str]) -> list[str]:

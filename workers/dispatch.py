@@ -112,11 +112,11 @@ class InFlight:
 
 
 def restore_unacked(
-    url: str, cfg: Any, *, exchange: str, task_ids: set[str] | None = None, timeout_s: float = 5.0
+    url: str, cfg: Any, *, queue: str, task_ids: set[str] | None = None, timeout_s: float = 5.0
 ) -> list[str]:
     """Redis only: put messages parked as unacked (their consumer died) back on their queue NOW, instead of after
-    `broker.visibility_timeout_s`. Only messages routed through `exchange`, and, when `task_ids` is given, only
-    Celery tasks with those ids. Returns the ids (task id, else the delivery tag) of what was restored.
+    `broker.visibility_timeout_s`. Only messages delivered from `queue` (their routing key), and, when `task_ids`
+    is given, only Celery tasks with those ids. Returns the ids (task id, else the delivery tag) of what was restored.
 
     Call it only for messages whose consumer is known dead (a killed worker's held episodes, a dead learner's
     trajectories, every task once all workers stopped): a live consumer's message restored here would be played
@@ -134,10 +134,10 @@ def restore_unacked(
         client = channel.client
         for tag, raw in client.hgetall(channel.unacked_key).items():
             try:
-                message, ex, _rk = json.loads(raw)
+                message, _ex, rk = json.loads(raw)
             except (ValueError, TypeError):
                 continue
-            if ex != exchange:
+            if rk != queue:  # (the exchange is stored as "" for a message got from a queue)
                 continue
             tid = (message.get("headers") or {}).get("id")
             if task_ids is not None and tid not in task_ids:

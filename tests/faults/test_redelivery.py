@@ -87,9 +87,9 @@ def test_killed_worker_and_killed_broker_lose_nothing(tmp_path: Path) -> None:
         os.kill(a.pid, signal.SIGKILL)
         _wait(lambda: not a.alive(), 10, "worker-a to die")
         t_kill = time.monotonic()
-        restored = restore_unacked(url, cfg, exchange=topo.task_exchange.name, task_ids=set(held))
+        restored = restore_unacked(url, cfg, queue=topo.task_queue.name, task_ids=set(held))
         assert sorted(restored) == held  # the exact messages, no copies
-        assert restore_unacked(url, cfg, exchange=topo.task_exchange.name, task_ids=set(held)) == []
+        assert restore_unacked(url, cfg, queue=topo.task_queue.name, task_ids=set(held)) == []
         b = _worker(tmp_path, "worker-b", cfg, hold_s=0.2)
         got: list[str] = []
         _wait(lambda: got.extend(t.episode_id for t in consumer.get_batch(3, 0.5)) or len(got) >= 3, 90,
