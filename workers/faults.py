@@ -217,6 +217,7 @@ def run_faults(
     sets = list(SHORT if sets is None else sets)
     run = _Run(run_dir, sets, log)
     rows: list[dict[str, Any]] = []
+    stop_s = None
     try:
         run.wait(lambda: any(e["kind"] == "episode" for e in _events(run_dir)), step_timeout_s * 2, "a first episode")
         cfg = json.loads((run_dir / "config.json").read_text())
@@ -231,17 +232,26 @@ def run_faults(
                 log(f"[faults] {fault}: {e}")
                 break
             row["outcome"] = "recovered"
-        try:
-            run.proc.wait(finish_timeout_s)
-        except subprocess.TimeoutExpired:
+        # the run ends by its budget; time its stop from the console's "stopping" line to the exit
+        deadline = time.time() + finish_timeout_s
+        t_stopping = None
+        while run.alive() and time.time() < deadline:
+            if t_stopping is None and "[train] stopping" in run.output():
+                t_stopping = time.time()
+            time.sleep(0.2)
+        if run.alive():
             run.proc.send_signal(signal.SIGINT)
+            t_stopping = time.time()
             run.proc.wait(180)
+        stop_s = round(time.time() - t_stopping, 1) if t_stopping is not None else None
     finally:
         if run.alive():
             run.proc.kill()
             run.proc.wait(30)
         run._out.close()
-    return {"rows": rows, "totals": totals(run_dir, rows), "rc": run.proc.returncode, "output": run.output()}
+    out = totals(run_dir, rows)
+    out["stop_s"] = stop_s
+    return {"rows": rows, "totals": out, "rc": run.proc.returncode, "output": run.output()}
 
 
 def totals(run_dir: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -284,7 +294,8 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"{r['fault']:<8} {moment[:40]:<40} {rs:>8} {rec:>10}  {r.get('outcome', '?')}")
     lines.append(
         f"run: rc {result['rc']}; dispatched {t['dispatched']}, finished {t['finished']}, trained {t['trained']}, "
-        f"lost {t['lost']}, duplicated {t['duplicated']}, handed back {t['handed_back']}, restarts {t['restarts']}"
+        f"lost {t['lost']}, duplicated {t['duplicated']}, handed back {t['handed_back']}, restarts {t['restarts']}, "
+        f"stop took {t.get('stop_s')}s"
     )
     return "\n".join(lines)
 
