@@ -326,6 +326,7 @@ def train(
         cli_args = (["-c", str(config_path)] if config_path else []) + [a for o in child_sets for a in ("--set", o)]
         children: list[Child] = []
         redelivered: dict[str, list[str]] = {}
+        pending_redelivery: list[tuple[str, int | None]] = []
 
         def hand_back() -> None:
             """Runs after every worker stopped: their unacked episodes go back on the task queue now."""
@@ -349,8 +350,8 @@ def train(
 
             def restart_learner() -> None:
                 # Its unacked trajectories go back on the queue now (not after the visibility timeout); it is
-                # their only consumer. Raises while the broker is down: the supervisor retries with backoff.
-                redelivered["learner"] = _restore_unacked(url, topo.trajectory_queue.name)
+                # their only consumer.
+                redeliver(("learner", None))
                 # resume from its checkpoint whatever run.resume said at the start: versions only move forward
                 if "run.resume=true" not in learner.args:
                     learner.args += ["--set", "run.resume=true"]
@@ -360,13 +361,31 @@ def train(
                 """The dead worker's episodes go back on the queue now, not after the visibility timeout: the
                 exact unacked messages its hold marks name (a copy under the same id if one is missing). The same
                 episode ids: the done mark and the learner's dedupe keep each one trained at most once."""
+                redeliver((w.name, w.pid))
+                w.spawn()
+
+            def redeliver(job: tuple[str, int | None]) -> bool:
+                """Move back what a dead part held; while the broker is unreachable keep the job for later ticks
+                (the restart itself does not wait: the broker being down must not use up the restart budget)."""
                 from workers.app import held_episodes, worker_name
 
-                held = held_episodes(url, cfg.broker.task_queue, worker_name(w.pid))
-                back = _restore_unacked(url, topo.task_queue.name, task_ids=set(held))
-                back += inflight.redispatch([e for e in held if e not in set(back)])
-                redelivered[w.name] = back
-                w.spawn()
+                name, pid = job
+                try:
+                    if pid is None:  # the learner: its unacked trajectories
+                        back = _restore_unacked(url, topo.trajectory_queue.name)
+                    else:
+                        held = held_episodes(url, cfg.broker.task_queue, worker_name(pid))
+                        back = _restore_unacked(url, topo.task_queue.name, task_ids=set(held))
+                        back += inflight.redispatch([e for e in held if e not in set(back)])
+                except Exception as e:  # noqa: BLE001 - broker down: retried at the next system tick
+                    log.warning("could not redeliver what %s held yet: %r", name, e)
+                    if job not in pending_redelivery:
+                        pending_redelivery.append(job)
+                    return False
+                redelivered.setdefault(name, []).extend(back)
+                if back:
+                    print(f"[train] {len(back)} messages {name} held are back on their queue: {back[:8]}", flush=True)
+                return True
 
             sup.add(Part.of_child(learner, done_on_success=True, restart=restart_learner))
             for i in range(cfg.workers.count):
@@ -432,6 +451,9 @@ def train(
                 now = time.time()
                 if now - last_system >= SYSTEM_EVERY_S:
                     last_system = now
+                    for job in list(pending_redelivery):
+                        if redeliver(job):
+                            pending_redelivery.remove(job)
                     for eid in _done_without_event(url, cfg, inflight, done_seen):
                         on_episode(eid, "ok")  # its event was lost (e.g. sent while the broker restarted)
                     queued_trajectories = _system_event(sink, url, cfg, inflight, state, queued_trajectories)

@@ -8,7 +8,8 @@ it, and waits for the run to recover:
 - "broker":  SIGKILL the embedded Redis (the supervisor restarts it on the same port; its AOF replays);
 - "learner": SIGKILL the learner while a checkpoint is being written (a `.tmp-step-*` dir exists), else right
   after a learner step;
-- "server":  SIGKILL the vLLM policy server right after a learner step (while the push is in progress).
+- "server":  SIGKILL the vLLM policy server right after a learner step (while the push is in progress);
+- "broker-pause": SIGSTOP the embedded Redis for 30 s (unreachable, not dead: nothing to restart), then SIGCONT.
 
 Recovery = the supervisor's "restart" event for the part, then one more finished episode. At the end it reads
 metrics.jsonl, controller.json and learner_metrics.jsonl: episodes dispatched, trained (what the learner
@@ -29,8 +30,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-FAULTS = ("worker", "broker", "learner", "server")
+FAULTS = ("worker", "broker", "learner", "server", "broker-pause")
 PART_OF = {"worker": "worker-", "broker": "broker", "learner": "learner", "server": "policy-server"}
+PAUSE_S = 30.0
 
 SHORT = [
     "run.max_steps=3",
@@ -153,7 +155,7 @@ def _inject(run: _Run, fault: str, namespace: str, timeout_s: float) -> dict[str
 
         proc, held_ids = run.wait(target, timeout_s, "worker playing an episode")
         row["held"] = held_ids
-    elif fault == "broker":
+    elif fault in ("broker", "broker-pause"):
         proc = run.wait(lambda: (run.children("redis-server") or [None])[0], timeout_s, "embedded Redis")
         time.sleep(1.2)  # appendfsync everysec: what was queued a second ago is on disk
     elif fault == "learner":
@@ -179,14 +181,29 @@ def _inject(run: _Run, fault: str, namespace: str, timeout_s: float) -> dict[str
         raise ValueError(f"unknown fault {fault!r}; choose from {FAULTS}")
     row["killed_pid"] = proc.pid
     row["t_kill"] = time.time()
+    if fault == "broker-pause":
+        os.kill(proc.pid, signal.SIGSTOP)
+        time.sleep(PAUSE_S)
+        os.kill(proc.pid, signal.SIGCONT)
+        row["moment"] = f"unreachable for {PAUSE_S:.0f}s (SIGSTOP)"
+        return row
     os.kill(proc.pid, signal.SIGKILL)
     run.log(f"[faults] {fault}: killed pid {proc.pid} at +{row['t_kill'] - run.t0:.0f}s {row.get('held', '')}")
     return row
 
 
 def _recover(run: _Run, row: dict[str, Any], timeout_s: float) -> None:
-    part = PART_OF[row["fault"]]
     t_kill = row["t_kill"]
+    if row["fault"] == "broker-pause":  # nothing died: recovered = an episode finished after the broker is back
+        back = t_kill + PAUSE_S
+        ev = run.wait(lambda: next((e for e in _events(run.run_dir) if e["kind"] == "episode" and e["time"] > back),
+                                   None), timeout_s, "an episode after the pause", step=0.2)  # fmt: skip
+        row["restart_s"] = "-"
+        row["recovered_s"] = round(ev["time"] - t_kill, 1)
+        row["restarts_during"] = sorted({str(e["payload"].get("part")) for e in _events(run.run_dir)
+                                         if e["kind"] == "restart" and e["time"] >= t_kill})  # fmt: skip
+        return
+    part = PART_OF[row["fault"]]
 
     def restarted() -> Any:
         return next((e for e in _events(run.run_dir) if e["kind"] == "restart" and e["time"] >= t_kill
