@@ -306,7 +306,7 @@ def table(result: dict[str, Any]) -> str:
     lines = [f"{'fault':<8} {'moment':<40} {'restart':>8} {'recovered':>10}  outcome"]
     for r in result["rows"]:
         moment = r.get("moment") or (f"mid-episode, held {len(r.get('held', []))}" if r["fault"] == "worker" else "")
-        rs = f"{r['restart_s']}s" if "restart_s" in r else "-"
+        rs = f"{r['restart_s']}s" if isinstance(r.get("restart_s"), float | int) else "-"
         rec = f"{r['recovered_s']}s" if "recovered_s" in r else "-"
         lines.append(f"{r['fault']:<8} {moment[:40]:<40} {rs:>8} {rec:>10}  {r.get('outcome', '?')}")
     lines.append(
