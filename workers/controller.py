@@ -12,6 +12,11 @@ on Ctrl-C or at the end of the budget:
 4. then it dispatches episodes (at most `workers.max_in_flight` in flight), follows the events fanout (episode,
    learner and push events), writes run_dir/metrics.jsonl (+ TensorBoard) and shows the live dashboard.
 
+Supervised (workers/supervisor.py): a part that dies is restarted with backoff within a restart budget; a dead
+worker's episodes and a dead learner's trajectories go back on their queue at once (workers/dispatch.py); each
+restart is a "restart" event (workers/sink.py). On stop the workers stop cold and their in-flight episodes are
+handed back (controller.json `handed_back`, adopted by the next run). Design notes: docs/supervision.md.
+
 `--no-spawn` joins parts started elsewhere (`broker.url`, `serving.policy.url` must be set) and only dispatches,
 logs and shows. The controller lives in workers/ because it samples personas and scenarios (simulator/) to
 dispatch; it never imports trainer/: the learner is a process.
