@@ -64,3 +64,20 @@ def test_hand_back_then_adopt_in_next_run() -> None:
     again, sent2, _ = _make(3)
     again.adopt(back, resend=True)
     assert [p["episode_id"] for p in sent2] == ["ep-001", "ep-002"]
+
+
+def test_controller_state_keeps_handed_back_and_reads_old_files(tmp_path) -> None:
+    import json
+
+    from workers.controller import ControllerState
+
+    path = tmp_path / "controller.json"
+    path.write_text(json.dumps({"next_episode": 7, "dispatched": 7, "finished": 5, "errors": 0, "lost": 0, "runs": []}))
+    old = ControllerState.load(path)  # written before supervision existed
+    assert old.next_episode == 7 and old.handed_back == [] and old.restarts == 0
+    inflight, _, _ = _make(3)
+    inflight.fill(7, 1, budget_left=2)
+    old.handed_back = inflight.handed_back()
+    old.save(path)
+    again = ControllerState.load(path)
+    assert [p["episode_id"] for p in again.handed_back] == ["ep-007", "ep-008"]
