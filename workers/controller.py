@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from gopo_online.config import GopoConfig
-from workers.supervisor import Child, GaveUp, Part, RestartPolicy, Supervisor
+from workers.supervisor import Child, GaveUp, Part, RestartPolicy, Supervisor, stop_all
 
 log = logging.getLogger("gopo.controller")
 
@@ -337,6 +337,8 @@ def train(
             """Runs after every worker stopped: their unacked episodes go back on the task queue now."""
             if not spawn:
                 return
+            time.sleep(0.5)
+            sink.consume(events.drain(), on_episode)  # what finished while the workers stopped is not handed back
             try:
                 back = _restore_unacked(url, topo.task_queue.name)
                 _restore_unacked(url, topo.trajectory_queue.name)  # a learner killed past its grace
@@ -352,6 +354,7 @@ def train(
         if spawn:
             learner = Child("learner", ["learner", *cli_args], logs / "learner.log", env, LEARNER_GRACE_S)
             children.append(learner)
+            stack.callback(learner.stop)  # stopped after the workers (callbacks run last-in first-out)
 
             def restart_learner() -> None:
                 # Its unacked trajectories go back on the queue now (not after the visibility timeout); it is
@@ -398,8 +401,7 @@ def train(
                           stop_signal=signal.SIGQUIT)  # fmt: skip
                 children.append(w)
                 sup.add(Part.of_child(w, restart=lambda w=w: restart_worker(w)))
-        for child in reversed(children):
-            stack.callback(child.stop)
+            stack.callback(stop_all, children[1:])  # the workers at once, cold: seconds, not one grace after another
 
         # -- 5. dispatch, follow events, show
         started = time.time()

@@ -116,7 +116,8 @@ class _Run:
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             if not self.alive():
-                raise RuntimeError(f"train exited (rc {self.proc.returncode}) while waiting for {what}")
+                tail = "\n".join(self.output().splitlines()[-40:])
+                raise RuntimeError(f"train exited (rc {self.proc.returncode}) while waiting for {what}:\n{tail}")
             v = pred()
             if v:
                 return v

@@ -117,6 +117,17 @@ class Child:
         return self.proc.returncode
 
 
+def stop_all(children: list[Child]) -> None:
+    """Stop several children concurrently (each with its own signal sequence and grace periods)."""
+    import threading
+
+    threads = [threading.Thread(target=c.stop, name=f"stop-{c.name}") for c in children]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 @dataclass
 class RestartPolicy:
     """Exponential backoff with jitter between restarts of one part, and a budget of restarts per window."""
@@ -159,11 +170,14 @@ class Part:
     exit_codes: list[int | None] = field(default_factory=list)
 
     @classmethod
-    def of_child(cls, child: Child, *, done_on_success: bool = False, **kw: Any) -> Part:
+    def of_child(
+        cls, child: Child, *, done_on_success: bool = False, restart: Callable[[], Any] | None = None, **kw: Any
+    ) -> Part:
+        """A Child as a part; `restart` defaults to `child.spawn` (a wrapper may redeliver first, then spawn)."""
         return cls(
             name=child.name,
             alive=child.alive,
-            restart=child.spawn,
+            restart=restart or child.spawn,
             exit_code=lambda: child.returncode,
             log_tail=child.log_tail,
             done=(lambda: child.returncode == 0) if done_on_success else (lambda: False),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.supervisor import Child, GaveUp, Part, RestartPolicy, Supervisor
+from workers.supervisor import Child, GaveUp, Part, RestartPolicy, Supervisor, stop_all
 
 SLEEPER = [sys.executable, "-c", "import sys, time; print('up', flush=True); time.sleep(60)"]
 
@@ -169,3 +169,37 @@ def test_cold_stop_skips_warm_shutdown(tmp_path: Path) -> None:
     t0 = time.monotonic()
     assert child.stop() == -signal.SIGKILL
     assert time.monotonic() - t0 < 4.0  # 1 s grace, then SIGKILL: no 10 s SIGTERM step
+
+
+def test_of_child_with_a_restart_wrapper(tmp_path: Path) -> None:
+    child = _child(tmp_path)
+    calls: list[int] = []
+
+    def restart() -> None:  # what the controller does for a worker: redeliver what it held, then spawn
+        calls.append(child.pid)
+        child.spawn()
+
+    sup = Supervisor(RestartPolicy(backoff_s=0.0, jitter=0.0))
+    sup.add(Part.of_child(child, restart=restart))
+    try:
+        dead_pid = child.pid
+        os.kill(dead_pid, signal.SIGKILL)
+        _wait_dead(child)
+        (r,) = sup.check()
+        assert calls == [dead_pid] and child.alive() and child.pid != dead_pid and r.exit_code == -9
+    finally:
+        child.stop()
+
+
+def test_stop_all_stops_workers_concurrently(tmp_path: Path) -> None:
+    code = "import signal, time; signal.signal(signal.SIGQUIT, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
+    kids = [Child(f"worker-{i}", [], tmp_path / f"w{i}.log", dict(os.environ), 1.5, stop_signal=signal.SIGQUIT,
+                  argv0=[sys.executable, "-c", code]) for i in range(3)]  # fmt: skip
+    for c in kids:
+        deadline = time.time() + 10
+        while "up" not in c.log_tail() and time.time() < deadline:
+            time.sleep(0.05)
+    t0 = time.monotonic()
+    stop_all(kids)
+    assert all(not c.alive() for c in kids)
+    assert time.monotonic() - t0 < 4.0  # one 1.5 s grace for all three, not 4.5 s
