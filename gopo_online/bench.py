@@ -65,10 +65,12 @@ BENCHES: dict[str, str] = {
     "learner": "trainer.bench:bench_learner",
     "judge": "simulator.judge_bench:bench_judge",
     "learning": "gopo_online.bench_learning:bench_learning",
+    "faults": "workers.faults:bench_faults",
 }
 """Benchmark name -> `module:function(cfg) -> list[Row]`, imported only when run."""
-OPT_IN = {"learning"}
-"""Benchmarks that run only when named with --only (`learning` trains for an hour on the CPU default)."""
+OPT_IN = {"learning", "faults"}
+"""Benchmarks that run only when named with --only (`learning` trains for an hour on the CPU default, `faults`
+plays a real train run for minutes)."""
 
 
 def _resolve(target: str) -> Callable[[GopoConfig], list[Row]]:

@@ -210,6 +210,17 @@ class EmbeddedRedis:
             client.close()
         self.ready_s = time.monotonic() - t0
 
+    def restart(self) -> EmbeddedRedis:
+        """Start again after the server died (supervision): same port, same data directory, so the clients'
+        URL stays valid and the append-only file replays what was queued."""
+        self._kill()
+        self._release_dir_lock()
+        fixed, self._port_fixed = self._port_fixed, self.port is not None
+        try:
+            return self.start()
+        finally:
+            self._port_fixed = fixed
+
     def stop(self, timeout: float = 10.0) -> None:
         """SHUTDOWN (flushes the AOF), wait up to `timeout` s, then SIGTERM and SIGKILL. Idempotent."""
         proc = self._proc

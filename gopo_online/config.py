@@ -254,6 +254,12 @@ class WorkersConfig(Section):
     """Retries of an episode task after a transient failure."""
     episode_timeout_s: float = Field(default=600.0, gt=0)
     """Hard limit on one episode."""
+    max_restarts: int = Field(default=5, ge=0)
+    """Supervision in `train`: restarts of one part (a worker, the learner, a server, the embedded broker) allowed
+    within `restart_window_s`; one more death ends the run with a report."""
+    restart_window_s: float = Field(default=600.0, gt=0)
+    restart_backoff_s: float = Field(default=1.0, ge=0)
+    """Delay before a part's first restart, doubled per further restart in the window (capped at 30 s, jittered)."""
 
 
 class LearnerConfig(Section):

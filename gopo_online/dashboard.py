@@ -166,6 +166,7 @@ class DashboardState:
         self.excerpt: dict[str, Any] | None = None
         self.errors: deque[tuple[float, str, str]] = deque(maxlen=max_errors)
         self.errors_total = 0
+        self.restarts = 0
         # learner
         self.learner_step: int | None = None
         self.learner_steps = 0
@@ -212,6 +213,9 @@ class DashboardState:
             self.sys_tokens_per_s = m.get("sys/tokens_per_s", self.sys_tokens_per_s)
         elif kind == "error":
             self._error(t, str(payload.get("source", "")), str(payload.get("error", "")) or "(no message)")
+        elif kind == "restart":  # a supervised part died and was restarted (workers/supervisor.py)
+            self.restarts += 1
+            self.errors.append((t, f"restart {payload.get('part', '?')}", str(payload.get("error", "")) or "restarted"))
 
     def _fold_episode(self, t: float, m: Mapping[str, float], payload: Mapping[str, Any]) -> None:
         self.episodes += 1
@@ -398,7 +402,8 @@ def render_state(state: DashboardState, run_name: str, excerpt_turns: int = 3, n
         (f"v{_f(state.policy_version, 0)}", "bold"),
         " · lag ",
         (_f(lag, 0), "bold red" if lag is not None and lag > 1 else "bold"),
-        f" · {state.episodes} episodes · {state.learner_steps} learner steps · {state.errors_total} errors",
+        f" · {state.episodes} episodes · {state.learner_steps} learner steps · {state.errors_total} errors"
+        + (f" · {state.restarts} restarts" if state.restarts else ""),
     )
     if state.last_time is not None and now - state.last_time > 30:
         title.append(f" · last event {_dur(now - state.last_time)} ago", style="yellow")

@@ -21,8 +21,8 @@ from typing import Any, Literal
 
 __all__ = ["EVENT_KINDS", "EventKind", "MetricsLogger", "read_metrics"]
 
-EventKind = Literal["episode", "learner", "system", "push", "error"]
-EVENT_KINDS: tuple[str, ...] = ("episode", "learner", "system", "push", "error")
+EventKind = Literal["episode", "learner", "system", "push", "error", "restart"]
+EVENT_KINDS: tuple[str, ...] = ("episode", "learner", "system", "push", "error", "restart")
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
 

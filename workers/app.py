@@ -28,7 +28,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import random
 import socket
 import threading
 import time
@@ -48,7 +47,7 @@ from gopo_online.stream import (
     is_redis,
 )
 from gopo_online.types import Trajectory
-from workers.rollout import WorkerContext, is_transient
+from workers.rollout import TransientError, WorkerContext, is_transient
 
 if TYPE_CHECKING:
     from gopo_online.config import GopoConfig
@@ -100,9 +99,55 @@ class DoneMarks:
             except redis.RedisError:
                 log.warning("could not record done mark for %s (a redelivery would replay it)", episode_id)
 
+    # --- hold marks: which worker plays which episode right now (Redis only; see held_episodes)
+    def _hold_key(self, episode_id: str) -> str:
+        return f"{self.namespace}:held:{episode_id}"
+
+    def hold(self, episode_id: str, worker: str, ttl_s: float) -> None:
+        """Record that `worker` (host:pid) plays this episode, so a controller that sees the worker die can
+        re-dispatch it at once instead of after the visibility timeout. Best effort, like the done mark."""
+        if self._redis is None:
+            return
+        try:
+            self._redis.set(self._hold_key(episode_id), worker, ex=max(1, int(ttl_s)))
+        except redis.RedisError:
+            log.warning("could not record the hold mark of %s", episode_id)
+
+    def release(self, episode_id: str) -> None:
+        if self._redis is None:
+            return
+        try:
+            self._redis.delete(self._hold_key(episode_id))
+        except redis.RedisError:
+            log.warning("could not drop the hold mark of %s (it expires)", episode_id)
+
     def close(self) -> None:
         if self._redis is not None:
             self._redis.close()
+
+
+def worker_name(pid: int | None = None) -> str:
+    """How a worker process names itself in hold marks and trajectories: host:pid."""
+    return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
+
+
+def held_episodes(broker_url: str, namespace: str, worker: str, *, timeout_s: float = 5.0) -> list[str]:
+    """Episode ids whose hold mark names `worker` (a worker that died: its tasks sit unacked in Redis until the
+    visibility timeout). [] on a broker without hold marks (RabbitMQ gives a dead consumer's tasks back at once)."""
+    if not is_redis(broker_url):
+        return []
+    prefix = f"{namespace}:held:"
+    client = redis.Redis.from_url(broker_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if not keys:
+            return []
+        owners = client.mget(keys)
+        return sorted(
+            k.decode()[len(prefix) :] for k, w in zip(keys, owners, strict=True) if w and w.decode() == worker
+        )
+    finally:
+        client.close()
 
 
 def _transport_options(cfg: GopoConfig, broker_url: str) -> dict[str, Any]:
@@ -188,10 +233,15 @@ def make_app(cfg: GopoConfig, broker_url: str, ctx: WorkerContext | None = None)
     app.gopo_done = done  # type: ignore[attr-defined]
     dead_letters = DeadLetterPublisher(broker_url, cfg)
     max_retries = cfg.workers.max_retries
+    hold_ttl_s = cfg.workers.episode_timeout_s * (max_retries + 1) + 120.0
 
     # shared=False: a shared task would be registered into every later Celery app too, closure and all.
+    # Retries are Celery's own: a TransientError raised out of the task is retried after an exponential backoff
+    # (retry_backoff * 2**retries s, at most 60 s, full jitter), at most max_retries times; the task turns the
+    # last failure into an error Trajectory itself, so autoretry never has to give up on it.
     @app.task(bind=True, name=EPISODE_TASK_NAME, max_retries=max_retries, acks_late=True, reject_on_worker_lost=True,
-              shared=False)  # fmt: skip
+              shared=False, autoretry_for=(TransientError,), retry_backoff=max(1.0, ctx.retry_backoff_s),
+              retry_backoff_max=60, retry_jitter=True)  # fmt: skip
     def run_episode(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
         """Play and publish one episode. Returns a small status dict (for logs; no result backend)."""
         started_at = time.time()
@@ -211,16 +261,15 @@ def make_app(cfg: GopoConfig, broker_url: str, ctx: WorkerContext | None = None)
             log.info("episode %s already published; skipping the redelivered task", eid)
             return {"status": "duplicate", "episode_id": eid}
         retries = self.request.retries
+        done.hold(eid, ctx.worker_name, hold_ttl_s)
         try:
             traj = ctx.rollout_fn(request, ctx)
             if not isinstance(traj, Trajectory) or traj.episode_id != eid:
                 raise TypeError(f"rollout returned {type(traj).__name__} for {eid!r}, not its Trajectory")
         except Exception as exc:  # noqa: BLE001 - every failure becomes a retry or an explicit error record
             if is_transient(exc) and retries < max_retries:
-                countdown = min(60.0, ctx.retry_backoff_s * 2**retries) * random.uniform(0.8, 1.2)
-                log.warning("episode %s: transient %r; retry %d/%d in %.1fs", eid, exc, retries + 1, max_retries,
-                            countdown)  # fmt: skip
-                raise self.retry(exc=exc, countdown=countdown) from exc
+                log.warning("episode %s: transient %r; retry %d/%d", eid, exc, retries + 1, max_retries)
+                raise TransientError(f"{type(exc).__name__}: {exc}") from exc
             kind = "transient failure, retries exhausted" if is_transient(exc) else "failure"
             reason = f"{kind} after {retries} retr{'y' if retries == 1 else 'ies'}: {type(exc).__name__}: {exc}"
             traj = error_trajectory(request, reason, worker=ctx.worker_name, started_at=started_at)
@@ -230,9 +279,10 @@ def make_app(cfg: GopoConfig, broker_url: str, ctx: WorkerContext | None = None)
             ctx.get_publisher().publish(traj)
         except Exception as exc:  # noqa: BLE001 - broker trouble: retry the whole task (redelivery covers the rest)
             if retries < max_retries:
-                raise self.retry(exc=exc, countdown=min(60.0, ctx.retry_backoff_s * 2**retries)) from exc
+                raise TransientError(f"publish failed: {type(exc).__name__}: {exc}") from exc
             raise
         done.mark_done(eid)
+        done.release(eid)
         ctx.emit_episode(traj)
         return {"status": traj.status, "episode_id": eid, "turns": len(traj.turns)}
 

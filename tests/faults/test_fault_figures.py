@@ -1,0 +1,44 @@
+"""The fault figures (workers/faults.py `totals`, `table`) from a run directory's files: lost, duplicated, trained."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from workers.faults import table, totals
+
+pytestmark = pytest.mark.faults
+
+
+def _write(run_dir: Path, events: list[dict], state: dict, learner: list[dict]) -> None:
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events) + '{"half a li')
+    (run_dir / "controller.json").write_text(json.dumps(state))
+    (run_dir / "learner_metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in learner))
+
+
+def _ep(eid: str, t: float) -> dict:
+    return {"kind": "episode", "time": t, "step": 0, "metrics": {}, "payload": {"episode_id": eid, "status": "ok"}}
+
+
+def test_totals_count_lost_duplicated_trained(tmp_path: Path) -> None:
+    run_dir = tmp_path / "r"
+    events = [
+        _ep("ep-1", 1.0), _ep("ep-2", 2.0), _ep("ep-2", 3.0),  # ep-2 finished twice: a duplicate
+        {"kind": "restart", "time": 2.5, "step": 1, "metrics": {}, "payload": {"part": "worker-0"}},
+        {"kind": "push", "time": 4.0, "step": 1, "metrics": {"sys/policy_version": 1.0}},
+        {"kind": "push", "time": 5.0, "step": 2, "metrics": {"sys/policy_version": 2.0}},
+    ]  # fmt: skip
+    state = {"dispatched": 6, "finished": 3, "lost": 1, "handed_back": [{"episode_id": "ep-5"}]}
+    _write(run_dir, events, state, [{"learner/episodes": 2}, {"learner/episodes": 1}])
+    rows = [{"fault": "worker", "held": ["ep-1", "ep-4", "ep-5"], "restart_s": 0.6, "recovered_s": 12.0,
+             "outcome": "recovered"}]  # fmt: skip
+    t = totals(run_dir, rows)
+    # ep-4 was held by the killed worker and neither finished nor handed back: lost (on top of the deadline's 1)
+    assert t["lost_held"] == ["ep-4"] and t["lost"] == 2
+    assert t["duplicated"] == 1 and t["trained"] == 3 and t["restarts"] == 1 and t["versions_monotonic"]
+    assert t["held_redelivered_and_finished"] == ["ep-1"] and t["handed_back"] == 1
+    text = table({"rows": rows, "totals": {**t, "stop_s": 4.2}, "rc": 0})
+    assert "worker" in text and "12.0s" in text and "lost 2, duplicated 1" in text and "stop took 4.2s" in text
