@@ -72,9 +72,8 @@ def test_train_end_to_end_then_resume(tmp_path: Path) -> None:
     # max_staleness = 0: step 2 could only use trajectories sampled after push 1, i.e. tagged with the new version.
     assert [e["metrics"]["sys/trained_version"] for e in steps] == [0, 1]
     # Version registries (written only after the server reported the new version) and a checkpoint exist.
-    for agent in ("expert", "cs"):
-        reg = json.loads((run_dir / "weights" / "serving" / agent / "versions.json").read_text())
-        assert reg["current"]["version"] == last_push
+    reg = json.loads((run_dir / "weights" / "versions.json").read_text())
+    assert reg["current"]["version"] == last_push and sorted(reg["current"]["paths"]) == ["cs", "expert"]
     assert any((run_dir / "checkpoints").iterdir())
     state = json.loads((run_dir / "controller.json").read_text())
     first_next = state["next_episode"]

@@ -172,20 +172,10 @@ class Dispatcher:
 
 
 def _refit(cfg: GopoConfig, root_url: str, run_dir: Path) -> int:
-    """Stale until refit: bring a (re)started policy server to the versions the learner last pushed.
+    """Stale until refit: bring a (re)started policy server to the version the learner last pushed (returned)."""
+    from gopo_online.serving.weights import WeightSync
 
-    Returns the version now served. Each agent's registry lives in run_dir/weights/serving/<agent>.
-    """
-    from gopo_online.serving.weights import LoRATransport, VersionRegistry, admin_token, ensure_current
-
-    versions = []
-    for agent in AGENTS:
-        registry = VersionRegistry(run_dir / "weights" / "serving" / agent)
-        transport = LoRATransport(served_name=cfg.model.served_name, adapter_name=agent)
-        if not ensure_current(root_url, registry, transport, token=admin_token(cfg.serving)):
-            raise RuntimeError(f"could not refit {root_url} to {agent} version {registry.current_version()}")
-        versions.append(registry.current_version())
-    return min(versions)
+    return WeightSync.from_config(cfg, run_dir=run_dir, servers=[root_url]).refit(root_url)
 
 
 def train(
@@ -200,11 +190,6 @@ def train(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per admin request would scroll the console
-    if cfg.serving.weight_transport != "lora":
-        raise SystemExit(
-            "gopo-online train serves the Expert and CS policies as LoRA adapters on one server: "
-            "set serving.weight_transport = 'lora' (full reload is available to WeightPublisher users)"
-        )
     run_dir = cfg.run.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     logs = run_dir / "logs"
