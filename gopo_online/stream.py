@@ -40,6 +40,7 @@ from kombu.exceptions import OperationalError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gopo_online.config import BrokerConfig
+from gopo_online.events import Event
 from gopo_online.types import TRAJECTORY_SCHEMA_VERSION, Trajectory
 
 if TYPE_CHECKING:
@@ -97,17 +98,8 @@ class WeightsAnnouncement(BaseModel):
     """host:pid of the announcer."""
 
 
-class MonitorEvent(BaseModel):
-    """One monitoring event on the events fanout (same fields as a line of run_dir/metrics.jsonl)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-    kind: str = Field(pattern=r"^(episode|learner|push|system|error)$")
-    step: int = 0
-    time: float
-    metrics: dict[str, float] = Field(default_factory=dict)
-    payload: dict[str, Any] | None = None
-    source: str = ""
+class MonitorEvent(Event):
+    """One monitoring event on the events fanout: the record of gopo_online.events (kinds and keys defined there)."""
 
 
 # --------------------------------------------------------------------------- topology
@@ -623,9 +615,13 @@ class EventPublisher(_FanoutPublisher):
     def emit(
         self, kind: str, metrics: dict[str, float], payload: dict[str, Any] | None = None, step: int = 0
     ) -> MonitorEvent:
-        event = MonitorEvent(kind=kind, step=step, time=time.time(), metrics=metrics, payload=payload, source=_source())
-        self._send(event.model_dump(mode="json"))
-        return event
+        return self.send(Event(kind=kind, step=step, metrics=metrics, payload=payload))  # type: ignore[arg-type]
+
+    def send(self, event: Event) -> MonitorEvent:
+        """Send an event built with gopo_online.events' constructors, stamped with this process as its source."""
+        out = MonitorEvent(**{**event.model_dump(), "source": _source()})
+        self._send(out.model_dump(mode="json"))
+        return out
 
 
 class _FanoutListener:

@@ -70,7 +70,7 @@ def test_train_end_to_end_then_resume(tmp_path: Path) -> None:
     assert last_push == 2  # one push per step, confirmed by the server before the event was sent
     assert min(e["metrics"]["episode/policy_version"] for e in ok) == 0  # the first episodes ran on the base
     # max_staleness = 0: step 2 could only use trajectories sampled after push 1, i.e. tagged with the new version.
-    assert [e["metrics"]["sys/trained_version"] for e in steps] == [0, 1]
+    assert [e["metrics"]["learner/trained_version"] for e in steps] == [0, 1]
     # Version registries (written only after the server reported the new version) and a checkpoint exist.
     reg = json.loads((run_dir / "weights" / "versions.json").read_text())
     assert reg["current"]["version"] == last_push and sorted(reg["current"]["paths"]) == ["cs", "expert"]
@@ -92,5 +92,5 @@ def test_train_end_to_end_then_resume(tmp_path: Path) -> None:
     # Later trajectories carry the pushed version, and the learner trained on them.
     new_ok = [e for e in new_events if e["kind"] == "episode" and e["payload"]["status"] == "ok"]
     assert new_ok and min(e["metrics"]["episode/policy_version"] for e in new_ok) >= last_push
-    assert new_steps[0]["metrics"]["sys/trained_version"] == last_push
+    assert new_steps[0]["metrics"]["learner/trained_version"] == last_push
     assert max(e["metrics"]["sys/policy_version"] for e in new_events if e["kind"] == "push") == last_push + 1

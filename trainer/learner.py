@@ -20,7 +20,6 @@ touches the policies, so the policy losses stay exactly eq 7 / eq 9.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -34,7 +33,10 @@ from typing import Any
 
 import numpy as np
 
+from gopo_online import events as events_lib
 from gopo_online.config import GopoConfig
+from gopo_online.events import Key
+from gopo_online.metrics_log import MetricsLogger
 from gopo_online.types import Trajectory
 from trainer.collate import AGENTS, MicroBatch, collate, drop_errors, split_fresh
 
@@ -620,7 +622,8 @@ def main(
     after the step that used them succeeded; it announces `weights.updated` through `WeightsAnnouncer` and sends
     learner/push events to the controller (events fanout). Without `publish`, and with `serving.policy.url` set,
     weights go to the live policy server through `WeightSync.publish` (one LoRA adapter per agent).
-    Metrics also go to run_dir/learner_metrics.jsonl.
+    Every event it sends (gopo_online.events) is also logged by a `MetricsLogger` to run_dir/learner_metrics.jsonl,
+    the learner's own record when no controller listens.
     """
     closers: list[Callable[[], Any]] = []
     ack: Callable[[], Any] = lambda: None  # noqa: E731
@@ -634,7 +637,15 @@ def main(
 
     in_main = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
     previous = signal.signal(signal.SIGINT, request_stop) if in_main else None
-    emit: Callable[..., Any] = lambda *a, **k: None  # noqa: E731
+    broadcast: Callable[[Any], Any] = lambda event: None  # noqa: E731
+    own_log = MetricsLogger(cfg.run.run_dir, tensorboard=False, filename="learner_metrics.jsonl")
+    closers.append(own_log.close)
+
+    def emit(event: Any) -> None:
+        """Send an event (gopo_online.events) to the controller and keep it in the learner's own record."""
+        own_log.log_event(event)
+        broadcast(event)
+
     sync = None
     if publish is None and cfg.serving.policy.url:
         from gopo_online.serving.weights import WeightSync
@@ -646,7 +657,7 @@ def main(
         closers += [consumer.close, announcer.close, events.close]
         source = _batches(consumer, cfg.learner.batch_episodes, should_stop=lambda: stop_requested)
         ack = consumer.ack
-        emit = _safe_emit(events)
+        broadcast = _safe_emit(events)
         if announce is None:
 
             def announce(version: int, exported: dict[str, Path]) -> None:
@@ -654,14 +665,11 @@ def main(
 
                 a = (sync or WeightSync.from_config(cfg, run_dir=cfg.run.run_dir, servers=[])).announcement(version)
                 announcer.announce(a["version"], a["transport"], a["path"], a["served_models"])
-                m = {"sys/policy_version": float(version)}
-                if sync is not None and sync.last_result is not None and sync.last_result.version == version:
-                    m["sys/push_latency_s"] = sync.last_result.write_s + sync.last_result.push_s
-                emit("push", m, {"served": a["served_models"]}, step=version)
+                last = sync.last_result if sync is not None else None
+                latency = last.write_s + last.push_s if last is not None and last.version == version else None
+                emit(events_lib.push(version, latency, a["served_models"]))
 
     learner = Learner(cfg, publish=publish, announce=announce)
-    metrics_path = learner.run_dir / "learner_metrics.jsonl"
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     try:
         learner.setup()
@@ -672,12 +680,10 @@ def main(
             step_before = learner.global_step
             metrics = learner.step(batch)
             ack()
-            with metrics_path.open("a") as f:
-                f.write(json.dumps({"time": time.time(), **metrics}) + "\n")
             if learner.global_step > step_before:
-                emit("learner", _dashboard_metrics(metrics, time.perf_counter() - t_step), step=learner.global_step)
+                emit(events_lib.learner(metrics, learner.global_step, time.perf_counter() - t_step))
             else:  # nothing fresh in the batch (all stale or failed): no update, but the drop counts are news
-                emit("system", {"sys/stale_dropped": float(metrics.get("learner/dropped_stale_total", 0))})
+                emit(events_lib.system({Key.STALE_DROPPED: metrics.get(Key.STALE_DROPPED, 0)}))
             if on_metrics is not None:
                 on_metrics(metrics)
             if cfg.run.max_steps is not None and learner.global_step >= cfg.run.max_steps:
@@ -710,25 +716,12 @@ def _catch_up_with_registry(learner: Learner, sync: Any) -> None:
         learner._publish(learner.export_weights(learner.version))
 
 
-def _dashboard_metrics(m: dict[str, float], wall_s: float) -> dict[str, float]:
-    """The learner event's metrics under the dashboard's keys (gopo_online.dashboard docstring), plus the rest."""
-    out = {k: float(v) for k, v in m.items() if isinstance(v, int | float) and math.isfinite(v)}
-    if "learner/trained_version" in m:
-        out["sys/trained_version"] = float(m["learner/trained_version"])
-    out["sys/policy_version"] = float(m.get("learner/version", 0))
-    out["sys/stale_dropped"] = float(m.get("learner/dropped_stale_total", 0))
-    if "learner/cost_lambda" in m:
-        out["loss/lambda"] = float(m["learner/cost_lambda"])
-    out["sys/step_wall_s"] = wall_s
-    return out
-
-
-def _safe_emit(events: Any) -> Callable[..., None]:
-    def emit(kind: str, metrics: dict[str, float], payload: dict[str, Any] | None = None, step: int = 0) -> None:
+def _safe_emit(events: Any) -> Callable[[Any], None]:
+    def emit(event: Any) -> None:
         try:
-            events.emit(kind, metrics, payload, step=step)
+            events.send(event)
         except Exception as e:  # noqa: BLE001 - a lost dashboard sample must not stop training
-            print(f"[learner] could not send a {kind} event: {e!r}", flush=True)
+            print(f"[learner] could not send a {event.kind} event: {e!r}", flush=True)
 
     return emit
 
