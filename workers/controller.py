@@ -259,6 +259,9 @@ def train(
                 sim_root = sim.root_url
             child_sets.append(f"serving.simulator_server.url={sim_root}")
         version = _refit(cfg, policy_root, run_dir)
+        from gopo_online.serving.server_metrics import ServerThroughput
+
+        server_rate = ServerThroughput(policy_root)
         print(f"[train] policy server serves version {version}", flush=True)
 
         # -- 3. events first, so the listener outlives the children and hears their last events (final drain)
@@ -401,6 +404,7 @@ def train(
                             "sys/tokens_per_s": sum(recent) / 60.0 if recent else 0.0,
                             "sys/policy_version": float(version),
                             "episode/lost": float(state.lost),
+                            **server_rate.metrics(),  # the policy server's own tok/s (its /metrics)
                         },
                     )
                     state.save(state_path)
