@@ -377,6 +377,8 @@ class TrajectoryConsumer:
         # consumer must do it itself or a killed consumer's messages would stay hidden for good.
         self._restore_every_s = min(10.0, self.cfg.visibility_timeout_s / 2)
         self.counts: dict[str, int] = {"consumed": 0, "dead_lettered": 0, "duplicates": 0, "restored_sweeps": 0}
+        self.on_dead_letter: Callable[[str, bytes], Any] | None = None
+        """Called with (reason, body) after a message went to the dead-letter queue (e.g. the trajectory store)."""
 
     # --- connection
     def _bind(self) -> Queue:
@@ -468,6 +470,8 @@ class TrajectoryConsumer:
             message.ack()
             self.counts["dead_lettered"] += 1
             log.warning("dead-lettered a trajectory message: %s", reason[:200])
+            if self.on_dead_letter is not None:
+                self.on_dead_letter(reason, message.body)
             return None
         if self._seen(traj.episode_id) or traj.episode_id in self._pending:
             message.ack()

@@ -37,6 +37,7 @@ from gopo_online import events as events_lib
 from gopo_online.config import GopoConfig
 from gopo_online.events import Key
 from gopo_online.metrics_log import MetricsLogger
+from gopo_online.trajectory_store import TrajectoryStore
 from gopo_online.types import Trajectory
 from trainer.collate import AGENTS, MicroBatch, collate, drop_errors, split_fresh
 
@@ -646,6 +647,8 @@ def main(
         own_log.log_event(event)
         broadcast(event)
 
+    store = TrajectoryStore(cfg.run.run_dir)  # every trajectory seen, with what became of it
+    closers.append(store.close)
     sync = None
     if publish is None and cfg.serving.policy.url:
         from gopo_online.serving.weights import WeightSync
@@ -657,6 +660,7 @@ def main(
         closers += [consumer.close, announcer.close, events.close]
         source = _batches(consumer, cfg.learner.batch_episodes, should_stop=lambda: stop_requested)
         ack = consumer.ack
+        consumer.on_dead_letter = store.dead_letter
         broadcast = _safe_emit(events)
         if announce is None:
 
@@ -677,8 +681,9 @@ def main(
             _catch_up_with_registry(learner, sync)
         for batch in source:
             t_step = time.perf_counter()
-            step_before = learner.global_step
+            step_before, version_before = learner.global_step, learner.version
             metrics = learner.step(batch)
+            store.append_batch(_outcomes(batch, version_before, cfg.learner.max_staleness), version_before)
             ack()
             if learner.global_step > step_before:
                 emit(events_lib.learner(metrics, learner.global_step, time.perf_counter() - t_step))
@@ -714,6 +719,17 @@ def _catch_up_with_registry(learner: Learner, sync: Any) -> None:
         learner.log(f"[learner] registry at v{ahead} > checkpoint v{learner.version}: publishing as v{ahead + 1}")
         learner.version = ahead + 1
         learner._publish(learner.export_weights(learner.version))
+
+
+def _outcomes(batch: list[Trajectory], version: int, max_staleness: int) -> list[tuple[Trajectory, str]]:
+    """What `Learner.step` (at `version`) did with each trajectory: the same split_fresh / drop_errors it uses."""
+    fresh, _ = split_fresh(batch, version, max_staleness)
+    ok, _ = drop_errors(fresh)
+    fresh_ids, ok_ids = {t.episode_id for t in fresh}, {t.episode_id for t in ok}
+    return [
+        (t, "trained" if t.episode_id in ok_ids else "error" if t.episode_id in fresh_ids else "dropped_stale")
+        for t in batch
+    ]
 
 
 def _safe_emit(events: Any) -> Callable[[Any], None]:
