@@ -1,0 +1,171 @@
+"""`gopo-online show`: the episode table and its filters, one dialogue turn by turn, two versions compared, the
+HTML page, all at 80 columns. The run folder is written through the real `TrajectoryStore`."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import pytest
+
+from gopo_online.show import Filters, load_episodes, main, pairs, render_html
+from gopo_online.trajectory_store import TrajectoryStore
+from gopo_online.types import (
+    Compliance,
+    ConstraintCheck,
+    Generation,
+    JudgeScores,
+    Trajectory,
+    Turn,
+    TurnRewards,
+    UserTurnMeta,
+)
+
+
+def _gen(version: int, text: str) -> Generation:
+    return Generation(prompt_token_ids=(1, 2), completion_token_ids=(3,), logprobs=(-0.2,), text=text, model="cs",
+                      policy_version=version, temperature=1.0, latency_s=0.05)  # fmt: skip
+
+
+def _turn(i: int, version: int, joint: float, user: str, reply: str, passed: bool = True) -> Turn:
+    checks = (
+        ConstraintCheck(skill="apologize", kind="required", target=r"\bsorry\b", passed=True),
+        ConstraintCheck(skill="offer_refund", kind="action", target="refund", passed=passed),
+    )
+    return Turn(
+        index=i,
+        user_utterance=user,
+        user_meta=UserTurnMeta(
+            intent="ask_refund",
+            emotion="angry",
+            satisfaction=2,
+            stop=i == 2,
+            completed_tasks=("verify_order",) if i == 2 else (),
+        ),  # fmt: skip
+        expert_skills=("apologize", "offer_refund"),
+        teacher_skills=("apologize", "verify_order"),
+        expert_gen=_gen(version, "apologize, offer_refund"),
+        cs_reply=reply,
+        cs_action="refund",
+        cs_gen=_gen(version, reply),
+        compliance=Compliance(checks=checks),
+        judge=JudgeScores(
+            scores={"helpfulness": 0.75, "empathy": 0.5},
+            principles={"polite": 1.0},
+            raw='{"helpfulness": 4, "empathy": 3, "note": "ok"}',
+        ),  # fmt: skip
+        rewards=TurnRewards(
+            r_expert=0.613,
+            r_cs=0.702,
+            w_expert=0.5,
+            w_cs=0.5,
+            joint=joint,
+            process=0.25,
+            compliance=1.0 if passed else 0.5,
+            skill_distance=0.31,
+        ),  # fmt: skip
+        cost=1.0,
+    )
+
+
+def _traj(eid: str, version: int, joint: float, group: str = "impatient", seed: int = 7, persona: str = "p1",
+          scenario: str = "ecommerce") -> Trajectory:  # fmt: skip
+    turns = (
+        _turn(1, version, joint, "Where is my parcel? <b>now</b>", "Sorry for the wait, I can refund it."),
+        _turn(2, version, joint, "Fine, refund it then.", "Sorry again: the refund is issued.", passed=False),
+    )
+    return Trajectory(episode_id=eid, scenario_id=scenario, persona_id=persona, persona_group=group, seed=seed,
+                      turns=turns, final_satisfaction=3, finished=True)  # fmt: skip
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Path:
+    run_dir = tmp_path / "runs" / "demo"
+    with TrajectoryStore(run_dir) as store:
+        store.append(_traj("ep-1", 0, 0.412), "trained", 0)
+        store.append(_traj("ep-2", 0, 0.150, group="patient", persona="p2", seed=8), "trained", 0)
+        store.append(_traj("ep-3", 3, 0.733), "trained", 3)  # same persona + scenario + seed as ep-1, newer policy
+        store.append(_traj("ep-4", 1, 0.5, scenario="telecom"), "dropped_stale", 3)
+        err = Trajectory(episode_id="ep-5", scenario_id="ecommerce", persona_id="p3", persona_group="patient",
+                         status="error", error="judge timed out after 60 s")  # fmt: skip
+        store.append(err, "error", 3)
+        store.dead_letter("not a valid Trajectory", b"{}")
+    return run_dir
+
+
+def _show(run_dir: Path, **kw) -> str:
+    buf = io.StringIO()
+    assert main(run_dir, out=buf, width=80, **kw) == 0
+    return buf.getvalue()
+
+
+def test_filters(run: Path) -> None:
+    eps = load_episodes(run)
+    assert [e.id for e in eps] == ["ep-1", "ep-2", "ep-3", "ep-4", "ep-5"]  # the dead letter is no episode
+
+    def ids(**f) -> list[str]:
+        return [e.id for e in eps if Filters(**f).keep(e)]
+
+    assert ids(group="patient") == ["ep-2", "ep-5"]
+    assert ids(scenario="telecom") == ["ep-4"] and ids(status="error") == ["ep-5"]
+    assert ids(outcome="dropped_stale") == ["ep-4"] and ids(version=0) == ["ep-1", "ep-2"]
+    assert ids(min_reward=0.4, max_reward=0.6) == ["ep-1", "ep-4"]  # an error episode has no reward: left out
+
+
+def test_list_at_80_columns_keeps_every_number_whole(run: Path) -> None:
+    text = _show(run, limit=0)
+    assert all(len(line) <= 80 for line in text.splitlines()), text
+    for needle in ("ep-1", "ep-5", "0.412", "0.733", "0.150", "dropped_stale", "error"):
+        assert needle in text, text
+    assert "…" not in text
+
+
+def test_one_dialogue_turn_by_turn(run: Path) -> None:
+    text = _show(run, episode="ep-1")
+    assert all(len(line) <= 80 for line in text.splitlines()), text
+    flat = re.sub(r"\s+", " ", text)
+    for needle in (
+        "persona p1 (impatient)",
+        "Where is my parcel? <b>now</b>",  # shown as typed, not interpreted as markup
+        "intent=ask_refund emotion=angry satisfaction=2",
+        "tasks_done=verify_order",
+        "apologize, offer_refund",  # the Expert's skills
+        "apologize, verify_order (1/2 teacher skills picked)",
+        "[refund] Sorry for the wait, I can refund it.",
+        "✓ required apologize: \\bsorry\\b",
+        "✗ action offer_refund: refund",
+        "helpfulness=0.75 empathy=0.50 | polite=1",
+        '{"helpfulness": 4, "empathy": 3, "note": "ok"}',
+        "r_expert=0.613 r_cs=0.702 w_E=0.50 w_A=0.50 joint=0.412 process=0.250",
+        "skill_distance=0.310 cost=1",
+    ):
+        assert needle in flat, needle
+    assert flat.count("turn ") >= 2
+    buf = io.StringIO()
+    assert main(run, episode="nope", out=buf, width=200) == 2 and "no episode 'nope'" in buf.getvalue()
+
+
+def test_compare_pairs_same_persona_scenario_seed(run: Path) -> None:
+    eps = load_episodes(run)
+    assert [(a.id, b.id) for a, b in pairs(eps, 0, 3)] == [("ep-1", "ep-3")]  # ep-2 has no v3 twin
+    text = _show(run, compare=(0, 3))
+    assert "v0 vs v3: 1 pairs" in text and text.index("ep-1 ·") < text.index("ep-3 ·")
+    assert "versions in the (filtered) run: [0, 1, 3]" in _show(run, compare=(0, 9))
+
+
+def test_html_page_escapes_and_holds_the_same_view(run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "page.html"
+    _show(run, html_out=out, dialogues=2)
+    page = out.read_text()
+    assert page.startswith("<!doctype html>") and "<script" not in page
+    assert "Where is my parcel? &lt;b&gt;now&lt;/b&gt;" in page and "<b>now</b>" not in page
+    assert page.count('class="turn"') == 4 and "judge timed out" in page
+    pair_page = render_html("x", load_episodes(run), compare=pairs(load_episodes(run), 0, 3), versions=(0, 3))
+    assert 'class="cmp"' in pair_page and "v0 vs v3: 1 pairs" in pair_page
+
+
+def test_missing_store_is_a_clear_error(tmp_path: Path) -> None:
+    buf = io.StringIO()
+    assert main(tmp_path, out=buf, width=80) == 2
+    assert "no trajectories/ folder" in " ".join(buf.getvalue().split())
