@@ -169,3 +169,52 @@ def test_missing_store_is_a_clear_error(tmp_path: Path) -> None:
     buf = io.StringIO()
     assert main(tmp_path, out=buf, width=80) == 2
     assert "no trajectories/ folder" in " ".join(buf.getvalue().split())
+
+
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+)
+
+
+@pytest.mark.integration
+def test_html_page_in_real_headless_chromium(run: Path, tmp_path: Path) -> None:
+    """The page in Debian's `chromium`: the browser's DOM holds the table and the dialogue, and the screenshot is a
+    drawn page. GOPO_SCREENSHOT_DIR keeps the PNG."""
+    import os
+    import shutil
+    import subprocess
+
+    from PIL import Image
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        msg = "chromium not installed (apt-get install -y chromium)"
+        pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
+    page = tmp_path / "show.html"
+    _show(run, html_out=page, dialogues=1)
+    url = page.resolve().as_uri()
+
+    def chrome(*args: str) -> subprocess.CompletedProcess:
+        cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args, url]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+
+    dom = chrome("--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    for needle in ("ep-5", "judge timed out after 60 s", "[refund]", "r_expert=0.613", "Where is my parcel?"):
+        assert needle in dom.stdout, needle
+    assert "<b>now</b>" not in dom.stdout  # the utterance stayed text in the browser too
+
+    shot_dir = Path(os.environ.get("GOPO_SCREENSHOT_DIR") or tmp_path)
+    shot_dir.mkdir(parents=True, exist_ok=True)
+    png = shot_dir / "show.png"
+    shot = chrome(f"--screenshot={png}", "--window-size=1200,1400", "--hide-scrollbars")
+    assert shot.returncode == 0 and png.is_file(), shot.stderr[-2000:]
+    with Image.open(png) as im:
+        assert im.size == (1200, 1400)
+        colours = im.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is not None and len(colours) > 50  # text and table lines drawn, not one flat colour
