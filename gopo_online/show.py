@@ -107,18 +107,26 @@ def _num(v: float | int | None, digits: int = 3) -> str:
 
 
 def load_episodes(run_dir: Path | str) -> list[Episode]:
-    """The run's stored trajectories (last record per episode id), dead letters left out."""
+    """The run's stored trajectories (last record per episode id; dead letters left out). A folder without a
+    store but with a ``trajectories.jsonl`` of plain Trajectory lines (a `stress` or evaluation output) is read
+    too, with outcome "-"."""
     run_dir = Path(run_dir)
-    if not (run_dir / "trajectories").is_dir():
-        raise FileNotFoundError(
-            f"{run_dir} has no trajectories/ folder: not a run folder, or a run from before the trajectory store"
-        )
-    out = []
-    for rec in read_records(run_dir):
-        if rec["outcome"] == "dead_lettered":
-            continue
-        out.append(Episode(Trajectory.model_validate(rec["trajectory"]), rec["outcome"], rec.get("learner_version")))
-    return out
+    if (run_dir / "trajectories").is_dir():
+        out = []
+        for rec in read_records(run_dir):
+            if rec["outcome"] == "dead_lettered":
+                continue
+            traj = Trajectory.model_validate(rec["trajectory"])
+            out.append(Episode(traj, rec["outcome"], rec.get("learner_version")))
+        return out
+    plain = run_dir / "trajectories.jsonl"
+    if plain.is_file():
+        with open(plain, encoding="utf-8") as f:
+            return [Episode(Trajectory.model_validate_json(line), "-", None) for line in f if line.strip()]
+    raise FileNotFoundError(
+        f"{run_dir} has no trajectories/ folder (nor a trajectories.jsonl): not a run folder, or a run from before "
+        "the trajectory store"
+    )
 
 
 def pairs(episodes: Sequence[Episode], va: int, vb: int) -> list[tuple[Episode, Episode]]:

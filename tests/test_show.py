@@ -218,3 +218,12 @@ def test_html_page_in_real_headless_chromium(run: Path, tmp_path: Path) -> None:
         assert im.size == (1200, 1400)
         colours = im.convert("RGB").getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 50  # text and table lines drawn, not one flat colour
+
+
+def test_a_stress_output_folder_is_read_too(tmp_path: Path) -> None:
+    out = tmp_path / "stress"
+    out.mkdir()
+    (out / "trajectories.jsonl").write_text(
+        _traj("s-1", 0, 0.2).to_json() + "\n" + _traj("s-2", 0, 0.3).to_json() + "\n"
+    )
+    assert [(e.id, e.outcome) for e in load_episodes(out)] == [("s-1", "-"), ("s-2", "-")]
