@@ -250,8 +250,8 @@ def print_episode(con: Any, ep: Episode) -> None:
             g.add_row("check", Text(("✓ " if ok else "✗ ") + text, style="green" if ok else "red"))
         scores, raw = _judge_lines(turn)
         g.add_row("judge", Text(scores))
-        if raw:
-            g.add_row("raw", Text(raw, style="dim"))
+        if raw:  # one line per answer line would scroll a short multi-line answer off the screen
+            g.add_row("raw", Text(" ⏎ ".join(raw.splitlines()), style="dim"))
         g.add_row("reward", Text(_reward_line(turn)))
         con.print(g)
 
