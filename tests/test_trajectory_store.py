@@ -62,29 +62,39 @@ def test_rotation_continuation_dedupe_and_crash_fragment(tmp_path: Path) -> None
 
 @pytest.mark.integration
 def test_the_consumer_keeps_its_dead_letters_in_the_store(tmp_path: Path) -> None:
-    """A message the consumer cannot use reaches the store too (real embedded Redis broker)."""
+    """A message the consumer cannot use reaches the store too (real Redis broker, private queue names)."""
+    import contextlib
+    import os
+    import socket
     import uuid
 
     from kombu import Producer
 
-    from gopo_online.broker import EmbeddedRedis
     from gopo_online.config import BrokerConfig
-    from gopo_online.stream import Topology, TrajectoryConsumer, TrajectoryPublisher, connect
+    from gopo_online.stream import Topology, TrajectoryConsumer, TrajectoryPublisher, connect, delete_topology
 
     tag = uuid.uuid4().hex[:8]
     names = ("trajectory_queue", "dead_letter_queue", "weights_exchange", "events_exchange", "task_queue")
     bcfg = BrokerConfig(**{n: f"t.{n}.{tag}" for n in names})
-    with EmbeddedRedis(tmp_path / "redis", appendonly=False) as redis, TrajectoryStore(tmp_path / "run") as store:
+    url = os.environ.get("GOPO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    host, port = url.split("://")[1].split("/")[0].rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=1.0).close()
+    except OSError:
+        msg = f"redis not reachable at {host}:{port}"
+        pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
+    with TrajectoryStore(tmp_path / "run") as store, contextlib.ExitStack() as cleanup:
+        cleanup.callback(delete_topology, url, bcfg)
         topo = Topology(bcfg)
-        with connect(redis.url, bcfg) as conn:
+        with connect(url, bcfg) as conn:
             topo.declare(conn.default_channel)
             Producer(conn.default_channel).publish(
                 b'{"episode_id": "broken", "hello": 1}', exchange=topo.trajectory_exchange,
                 routing_key=bcfg.trajectory_queue, content_type="application/json", content_encoding="utf-8",
             )  # fmt: skip
-        with TrajectoryPublisher(redis.url, bcfg) as pub:
+        with TrajectoryPublisher(url, bcfg) as pub:
             pub.publish(traj("good"))
-        with TrajectoryConsumer(redis.url, bcfg) as consumer:
+        with TrajectoryConsumer(url, bcfg) as consumer:
             consumer.on_dead_letter = store.dead_letter
             got = consumer.get_batch(10, timeout_s=0.5)
         store.append_batch([(t, "trained") for t in got], 0)

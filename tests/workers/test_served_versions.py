@@ -1,13 +1,15 @@
 """Workers learn the served version from `weights.updated` announcements, not from the server: a test counts the
 requests a worker process sends to the policy server's admin/model routes (once per process, 0 per request).
 
-Real parts: the worker's own `default_deps` wiring, a real broker (embedded Redis) carrying the learner's
+Real parts: the worker's own `default_deps` wiring, a real broker (Redis) carrying the learner's
 announcement; the policy server is a local HTTP server that records every request (its model list is all a
 version read needs)."""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -42,21 +44,37 @@ class PolicyServer:
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    from gopo_online.broker import EmbeddedRedis
+REDIS_URL = os.environ.get("GOPO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
-    with EmbeddedRedis(tmp_path_factory.mktemp("redis"), appendonly=False) as r:
-        yield r.url
+
+@pytest.fixture
+def broker():
+    host, port = REDIS_URL.split("://")[1].split("/")[0].rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=1.0).close()
+    except OSError:
+        msg = f"redis not reachable at {host}:{port}"
+        pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
+    return REDIS_URL
 
 
 def test_worker_makes_no_admin_call_per_request_and_follows_announcements(broker, tmp_path) -> None:
+    import uuid
+
     from gopo_online.config import load_config
     from gopo_online.stream import WeightsAnnouncer
     from workers.rollout import WorkerContext, default_deps
 
     srv = PolicyServer()
-    cfg = load_config(overrides=[f"run.output_dir='{tmp_path}'", f"serving.policy.url='{srv.url}'"])
+    tag = uuid.uuid4().hex[:8]  # a private weights exchange: other tests on the shared Redis never reach it
+    cfg = load_config(
+        overrides=[
+            f"run.output_dir='{tmp_path}'",
+            f"serving.policy.url='{srv.url}'",
+            f"broker.weights_exchange='test.weights.{tag}'",
+            f"broker.events_exchange='test.events.{tag}'",
+        ]
+    )
     ctx = WorkerContext(cfg=cfg, broker_url=broker)
     try:
         deps = default_deps(ctx)
