@@ -77,27 +77,22 @@ class Filters:
 
     def keep(self, ep: Episode) -> bool:
         t = ep.traj
-        if self.group is not None and t.persona_group != self.group:
+        exact = (
+            (self.group, t.persona_group),
+            (self.scenario, t.scenario_id),
+            (self.status, t.status),
+            (self.outcome, ep.outcome),
+            (self.persona, t.persona_id),
+            (self.version, ep.version),
+        )
+        if any(want is not None and have != want for want, have in exact):
             return False
-        if self.scenario is not None and t.scenario_id != self.scenario:
-            return False
-        if self.status is not None and t.status != self.status:
-            return False
-        if self.outcome is not None and ep.outcome != self.outcome:
-            return False
-        if self.persona is not None and t.persona_id != self.persona:
-            return False
-        if self.version is not None and ep.version != self.version:
-            return False
-        if self.min_reward is not None or self.max_reward is not None:
-            r = ep.reward
-            if r is None:
-                return False
-            if self.min_reward is not None and r < self.min_reward:
-                return False
-            if self.max_reward is not None and r > self.max_reward:
-                return False
-        return True
+        if self.min_reward is None and self.max_reward is None:
+            return True
+        r = ep.reward  # an episode without a reward (an error episode) is outside any reward range
+        lo = -math.inf if self.min_reward is None else self.min_reward
+        hi = math.inf if self.max_reward is None else self.max_reward
+        return r is not None and lo <= r <= hi
 
 
 def _num(v: float | int | None, digits: int = 3) -> str:

@@ -61,11 +61,9 @@ def test_rotation_continuation_dedupe_and_crash_fragment(tmp_path: Path) -> None
 
 
 @pytest.mark.integration
-def test_the_consumer_keeps_its_dead_letters_in_the_store(tmp_path: Path) -> None:
+def test_the_consumer_keeps_its_dead_letters_in_the_store(redis_url: str, tmp_path: Path) -> None:
     """A message the consumer cannot use reaches the store too (real Redis broker, private queue names)."""
     import contextlib
-    import os
-    import socket
     import uuid
 
     from kombu import Producer
@@ -76,13 +74,7 @@ def test_the_consumer_keeps_its_dead_letters_in_the_store(tmp_path: Path) -> Non
     tag = uuid.uuid4().hex[:8]
     names = ("trajectory_queue", "dead_letter_queue", "weights_exchange", "events_exchange", "task_queue")
     bcfg = BrokerConfig(**{n: f"t.{n}.{tag}" for n in names})
-    url = os.environ.get("GOPO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-    host, port = url.split("://")[1].split("/")[0].rsplit(":", 1)
-    try:
-        socket.create_connection((host, int(port)), timeout=1.0).close()
-    except OSError:
-        msg = f"redis not reachable at {host}:{port}"
-        pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
+    url = redis_url
     with TrajectoryStore(tmp_path / "run") as store, contextlib.ExitStack() as cleanup:
         cleanup.callback(delete_topology, url, bcfg)
         topo = Topology(bcfg)

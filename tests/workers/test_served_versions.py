@@ -8,8 +8,6 @@ version read needs)."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -44,21 +42,7 @@ class PolicyServer:
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
 
-REDIS_URL = os.environ.get("GOPO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-@pytest.fixture
-def broker():
-    host, port = REDIS_URL.split("://")[1].split("/")[0].rsplit(":", 1)
-    try:
-        socket.create_connection((host, int(port)), timeout=1.0).close()
-    except OSError:
-        msg = f"redis not reachable at {host}:{port}"
-        pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
-    return REDIS_URL
-
-
-def test_worker_makes_no_admin_call_per_request_and_follows_announcements(broker, tmp_path) -> None:
+def test_worker_makes_no_admin_call_per_request_and_follows_announcements(redis_url, tmp_path) -> None:
     import uuid
 
     from gopo_online.config import load_config
@@ -75,7 +59,7 @@ def test_worker_makes_no_admin_call_per_request_and_follows_announcements(broker
             f"broker.events_exchange='test.events.{tag}'",
         ]
     )
-    ctx = WorkerContext(cfg=cfg, broker_url=broker)
+    ctx = WorkerContext(cfg=cfg, broker_url=redis_url)
     try:
         deps = default_deps(ctx)
         turns_per_episode = 6
@@ -84,7 +68,7 @@ def test_worker_makes_no_admin_call_per_request_and_follows_announcements(broker
         assert srv.paths == ["/v1/models"]  # one read when the process started; none per request
 
         # The learner pushes v3 and announces it: the worker's next request uses and records v3, still no call.
-        with WeightsAnnouncer(broker, cfg) as announcer:
+        with WeightsAnnouncer(redis_url, cfg) as announcer:
             announcer.announce(3, "lora", str(tmp_path / "weights"), {"expert": "expert", "cs": "cs"})
         deadline = time.monotonic() + 10
         while deps.cs.resolve()[1] != 3 and time.monotonic() < deadline:
