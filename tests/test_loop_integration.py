@@ -73,6 +73,10 @@ def test_train_end_to_end_then_resume(tmp_path: Path) -> None:
     assert [e["metrics"]["learner/trained_version"] for e in steps] == [0, 1]
     # Version registries (written only after the server reported the new version) and a checkpoint exist.
     reg = json.loads((run_dir / "weights" / "versions.json").read_text())
+    from gopo_online.trajectory_store import read_records
+
+    stored = list(read_records(run_dir))  # what the learner saw, kept with its outcome (trained / dropped_stale)
+    assert sum(r["outcome"] == "trained" for r in stored) >= 2 and all("trajectory" in r for r in stored)
     assert reg["current"]["version"] == last_push and sorted(reg["current"]["paths"]) == ["cs", "expert"]
     assert any((run_dir / "checkpoints").iterdir())
     state = json.loads((run_dir / "controller.json").read_text())
