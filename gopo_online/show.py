@@ -211,11 +211,31 @@ def _header(ep: Episode) -> str:
 
 
 def print_list(con: Any, episodes: Sequence[Episode], limit: int, title: str = "episodes") -> None:
-    from gopo_online.tables import print_table
+    """The episode table; when it does not fit the console, the long text columns (group, scenario) move to a
+    second line under each episode, so no column is folded mid-word."""
+    from rich.text import Text
+
+    from gopo_online.tables import print_table, table_width
 
     shown = episodes[:limit] if limit else episodes
     more = f" (first {len(shown)} of {len(episodes)})" if len(shown) < len(episodes) else f" ({len(episodes)})"
-    print_table(con, title + more, ROW_HEADERS, [e.row() for e in shown])
+    rows = [e.row() for e in shown]
+    numeric = [h in ("v", "turns", "reward", "sat") for h in ROW_HEADERS]
+    if table_width(ROW_HEADERS, rows, numeric)[0] <= con.width or not rows:
+        print_table(con, title + more, ROW_HEADERS, rows)
+        return
+    keep = [i for i, h in enumerate(ROW_HEADERS) if h not in ("group", "scenario")]
+    heads = [ROW_HEADERS[i] for i in keep]
+    widths = [max(len(heads[j]), *(len(r[i]) for r in rows)) for j, i in enumerate(keep)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if numeric[i] else c.ljust(w) for c, w, i in zip(cells, widths, keep, strict=True))
+
+    con.print(Text(title + more + " · group · scenario on the line below each", style="bold"), overflow="fold")
+    con.print(Text(line(heads).rstrip(), style="bold"))
+    for r in rows:
+        con.print(line([r[i] for i in keep]).rstrip())
+        con.print(Text(f"  {r[1]} · {r[2]}", style="dim"), overflow="fold")
 
 
 def print_episode(con: Any, ep: Episode) -> None:

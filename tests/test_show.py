@@ -227,3 +227,16 @@ def test_a_stress_output_folder_is_read_too(tmp_path: Path) -> None:
         _traj("s-1", 0, 0.2).to_json() + "\n" + _traj("s-2", 0, 0.3).to_json() + "\n"
     )
     assert [(e.id, e.outcome) for e in load_episodes(out)] == [("s-1", "-"), ("s-2", "-")]
+
+
+def test_long_group_and_scenario_names_move_below_rather_than_fold(tmp_path: Path) -> None:
+    run_dir = tmp_path / "long"
+    group, scenario = "hard/preference_learning", "ecommerce/order_delay/481813"
+    with TrajectoryStore(run_dir) as store:
+        store.append(_traj("ep-0-0000008", 1, 0.216, group=group, scenario=scenario), "dropped_stale", 2)
+    text = _show(run_dir)
+    assert all(len(line) <= 80 for line in text.splitlines()), text
+    lines = text.splitlines()
+    row = next(i for i, line in enumerate(lines) if line.startswith("ep-0-0000008"))
+    assert "dropped_stale" in lines[row] and "0.216" in lines[row]
+    assert lines[row + 1].strip() == f"{group} · {scenario}"  # whole names, one line
