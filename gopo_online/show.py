@@ -278,7 +278,7 @@ body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#1d232b;background:#f
 h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:18px 0 6px}
 table.eps{border-collapse:collapse;background:#fff;font-variant-numeric:tabular-nums}
 table.eps th,table.eps td{border:1px solid #d5d9e0;padding:3px 8px;text-align:left}
-table.eps td.n{text-align:right} table.eps tr.st-error td{color:#a11}
+table.eps td.n{text-align:right} table.eps td:first-child{white-space:nowrap} table.eps tr.st-error td{color:#a11}
 .ep{background:#fff;border:1px solid #d5d9e0;border-radius:6px;padding:10px 14px;margin:12px 0}
 .ep h3{font-size:14px;margin:0 0 8px}
 .turn{border-top:1px solid #e6e9ee;padding:6px 0;display:grid;grid-template-columns:80px 1fr;gap:2px 10px}
@@ -305,7 +305,9 @@ def _html_list(episodes: Sequence[Episode]) -> str:
             f'<td class="n">{_e(c)}</td>' if h in numeric else f"<td>{_e(c)}</td>"
             for h, c in zip(ROW_HEADERS[1:], rest, strict=True)
         ]
-        cells.append(f"<td>{_e(ep.traj.error or '')}</td>")
+        err = ep.traj.error or ""
+        short = err if len(err) <= 120 else err[:117] + "…"  # the whole text is in the dialogue below and the tooltip
+        cells.append(f'<td title="{_e(err)}">{_e(short)}</td>')
         body.append(f'<tr class="st-{_e(ep.traj.status)}">{"".join(cells)}</tr>')
     return f'<table class="eps"><tr>{head}</tr>{"".join(body)}</table>'
 
