@@ -9,34 +9,25 @@ from pathlib import Path
 
 import pytest
 
+from gopo_online import types as T
 from gopo_online.show import Filters, load_episodes, main, pairs, render_html
 from gopo_online.trajectory_store import TrajectoryStore
-from gopo_online.types import (
-    Compliance,
-    ConstraintCheck,
-    Generation,
-    JudgeScores,
-    Trajectory,
-    Turn,
-    TurnRewards,
-    UserTurnMeta,
-)
 
 
-def _gen(version: int, text: str) -> Generation:
-    return Generation(prompt_token_ids=(1, 2), completion_token_ids=(3,), logprobs=(-0.2,), text=text, model="cs",
+def _gen(version: int, text: str) -> T.Generation:
+    return T.Generation(prompt_token_ids=(1, 2), completion_token_ids=(3,), logprobs=(-0.2,), text=text, model="cs",
                       policy_version=version, temperature=1.0, latency_s=0.05)  # fmt: skip
 
 
-def _turn(i: int, version: int, joint: float, user: str, reply: str, passed: bool = True) -> Turn:
+def _turn(i: int, version: int, joint: float, user: str, reply: str, passed: bool = True) -> T.Turn:
     checks = (
-        ConstraintCheck(skill="apologize", kind="required", target=r"\bsorry\b", passed=True),
-        ConstraintCheck(skill="offer_refund", kind="action", target="refund", passed=passed),
+        T.ConstraintCheck(skill="apologize", kind="required", target=r"\bsorry\b", passed=True),
+        T.ConstraintCheck(skill="offer_refund", kind="action", target="refund", passed=passed),
     )
-    return Turn(
+    return T.Turn(
         index=i,
         user_utterance=user,
-        user_meta=UserTurnMeta(
+        user_meta=T.UserTurnMeta(
             intent="ask_refund",
             emotion="angry",
             satisfaction=2,
@@ -49,13 +40,13 @@ def _turn(i: int, version: int, joint: float, user: str, reply: str, passed: boo
         cs_reply=reply,
         cs_action="refund",
         cs_gen=_gen(version, reply),
-        compliance=Compliance(checks=checks),
-        judge=JudgeScores(
+        compliance=T.Compliance(checks=checks),
+        judge=T.JudgeScores(
             scores={"helpfulness": 0.75, "empathy": 0.5},
             principles={"polite": 1.0},
             raw='{"helpfulness": 4, "empathy": 3, "note": "ok"}',
         ),  # fmt: skip
-        rewards=TurnRewards(
+        rewards=T.TurnRewards(
             r_expert=0.613,
             r_cs=0.702,
             w_expert=0.5,
@@ -70,12 +61,12 @@ def _turn(i: int, version: int, joint: float, user: str, reply: str, passed: boo
 
 
 def _traj(eid: str, version: int, joint: float, group: str = "impatient", seed: int = 7, persona: str = "p1",
-          scenario: str = "ecommerce") -> Trajectory:  # fmt: skip
+          scenario: str = "ecommerce") -> T.Trajectory:  # fmt: skip
     turns = (
         _turn(1, version, joint, "Where is my parcel? <b>now</b>", "Sorry for the wait, I can refund it."),
         _turn(2, version, joint, "Fine, refund it then.", "Sorry again: the refund is issued.", passed=False),
     )
-    return Trajectory(episode_id=eid, scenario_id=scenario, persona_id=persona, persona_group=group, seed=seed,
+    return T.Trajectory(episode_id=eid, scenario_id=scenario, persona_id=persona, persona_group=group, seed=seed,
                       turns=turns, final_satisfaction=3, finished=True)  # fmt: skip
 
 
@@ -87,10 +78,10 @@ def run(tmp_path: Path) -> Path:
         store.append(_traj("ep-2", 0, 0.150, group="patient", persona="p2", seed=8), "trained", 0)
         store.append(_traj("ep-3", 3, 0.733), "trained", 3)  # same persona + scenario + seed as ep-1, newer policy
         store.append(_traj("ep-4", 1, 0.5, scenario="telecom"), "dropped_stale", 3)
-        err = Trajectory(episode_id="ep-5", scenario_id="ecommerce", persona_id="p3", persona_group="patient",
+        err = T.Trajectory(episode_id="ep-5", scenario_id="ecommerce", persona_id="p3", persona_group="patient",
                          status="error", error="judge timed out after 60 s")  # fmt: skip
         store.append(err, "error", 3)
-        store.dead_letter("not a valid Trajectory", b"{}")
+        store.dead_letter("not a valid T.Trajectory", b"{}")
     return run_dir
 
 
