@@ -68,8 +68,8 @@ def bench_vllm(cfg: GopoConfig, max_tokens: int = 100, repeats: int = 3) -> list
     """Policy-server start time and decode throughput (single stream, 8 concurrent), base model and LoRA adapter."""
     import openai
 
+    from gopo_online.bench_weights import make_random_lora_adapter, single_sync
     from gopo_online.serving.process import server_from_config
-    from gopo_online.serving.weights import LoRATransport, WeightPublisher, make_random_lora_adapter
 
     rows: list[Row] = []
     t0 = time.perf_counter()
@@ -81,8 +81,9 @@ def bench_vllm(cfg: GopoConfig, max_tokens: int = 100, repeats: int = 3) -> list
         if cfg.serving.weight_transport == "lora":
             with tempfile.TemporaryDirectory() as tmp:
                 adapter = make_random_lora_adapter(Path(server.model_path), Path(tmp) / "a", rank=8)
-                pub = WeightPublisher(LoRATransport(adapter_name="bench"), Path(tmp) / "w", [server.root_url])
-                pub.publish(1, adapter_dir=adapter)
+                single_sync("lora", Path(tmp) / "w", [server.root_url], adapter_name="bench").publish(
+                    1, {"policy": adapter}
+                )
                 models.append(("lora", "bench"))
                 rows += _decode_rows(client, models, max_tokens, repeats)
         else:
@@ -111,8 +112,8 @@ def _decode_rows(client: Any, models: list[tuple[str, str]], max_tokens: int, re
 
 def bench_push(cfg: GopoConfig) -> list[Row]:
     """Weight push latency on a live server, per transport (median and p90 of 5)."""
+    from gopo_online.bench_weights import bench_weight_push
     from gopo_online.models import resolve_model_path
-    from gopo_online.serving.weights import bench_weight_push
 
     rows: list[Row] = []
     for r in bench_weight_push(resolve_model_path(cfg.model), transports=("full", "lora"), repeats=5):

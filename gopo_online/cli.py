@@ -232,6 +232,34 @@ def dashboard(
 
 
 @app.command()
+def show(
+    run_dir: Annotated[Path, typer.Argument(help="The run folder (run.output_dir/run.name, e.g. runs/default).")],
+    episode: Annotated[str | None, typer.Option(help="Render this episode turn by turn.")] = None,
+    group: Annotated[str | None, typer.Option(help="Only this persona group.")] = None,
+    scenario: Annotated[str | None, typer.Option(help="Only this scenario family.")] = None,
+    status: Annotated[str | None, typer.Option(help="ok | error")] = None,
+    outcome: Annotated[str | None, typer.Option(help="trained | dropped_stale | error")] = None,
+    persona: Annotated[str | None, typer.Option(help="Only this persona id.")] = None,
+    min_reward: Annotated[float | None, typer.Option(help="Mean joint reward at least this.")] = None,
+    max_reward: Annotated[float | None, typer.Option(help="Mean joint reward at most this.")] = None,
+    version: Annotated[int | None, typer.Option(help="Only episodes of this policy version.")] = None,
+    compare: Annotated[
+        tuple[int, int] | None, typer.Option(help="Two versions: the same persona + scenario under each.")
+    ] = None,
+    html: Annotated[Path | None, typer.Option(help="Also write a static HTML page of the view.")] = None,
+    limit: Annotated[int, typer.Option(help="Rows (and compared pairs) shown; 0 = all.")] = 50,
+    dialogues: Annotated[int, typer.Option(help="Also render the first N listed dialogues.")] = 0,
+) -> None:
+    """List and filter a run's stored episodes, render a dialogue turn by turn, compare two policy versions."""
+    from gopo_online.show import Filters
+
+    filters = Filters(group, scenario, status, outcome, min_reward, max_reward, version, persona)
+    pair = None if compare is None or None in compare else (int(compare[0]), int(compare[1]))
+    kw = {"episode": episode, "filters": filters, "compare": pair, "html_out": html, "limit": limit}
+    raise typer.Exit(_call("gopo_online.show:main", run_dir, dialogues=dialogues, **kw))
+
+
+@app.command()
 def bench(
     config: ConfigOpt = None,
     set_: SetOpt = None,

@@ -122,7 +122,7 @@ class ServingConfig(Section):
     max_retries: int = Field(default=3, ge=0)
     """Retries of a failed model request (connection errors, 5xx) before the episode fails."""
     weight_transport: Literal["full", "lora"] = "lora"
-    """How refreshed weights reach the live server: full reload or LoRA hot-load (DESIGN §5)."""
+    """How refreshed weights reach the live server; the loop runs only "lora" (LoRA hot-load; "full" is rejected)."""
     admin_token_env: str = "GOPO_ADMIN_TOKEN"
     """Env var with the token required by admin endpoints when a server binds beyond loopback."""
     max_lora_rank: int = Field(default=16, ge=1)
@@ -376,10 +376,12 @@ class GopoConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> GopoConfig:
-        if self.serving.weight_transport == "full" and self.serving.simulator == "same":
+        if self.serving.weight_transport != "lora":
             raise ValueError(
-                "serving.weight_transport = 'full' replaces the policy server's base model, which serving.simulator ="
-                " 'same' also uses for the simulator and judge: set serving.simulator = 'separate' or 'external'"
+                f"serving.weight_transport = {self.serving.weight_transport!r} cannot run in the training loop: the "
+                "Expert and CS policies share one vLLM server as two LoRA adapters, and a full reload would replace "
+                "both of them (and the simulator's base model); use 'lora' (full reload is benchmark-only: "
+                "gopo-online bench --only push)"
             )
         if self.serving.weight_transport == "lora" and self.learner.finetune == "full":
             raise ValueError("serving.weight_transport = 'lora' needs learner.finetune = 'lora' (no adapter to push)")

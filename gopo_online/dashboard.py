@@ -1,21 +1,9 @@
 """The live console of a training job, and `gopo-online dashboard` (attach to a job through its metrics file).
 
 Everything the console shows is folded from events, the same events `MetricsLogger` writes to
-`run_dir/metrics.jsonl`: `{"time", "step", "kind", "metrics", "payload"?}`. So the controller's live console and
-a console attached later from the file show the same numbers. The keys read (producers should use these):
-
-- "episode" (one per finished or failed episode; build it with `episode_event(trajectory, ...)`): the keys of
-  `metrics.summarize` (`reward/esndcg`, `reward/cs`, `reward/joint`, `reward/process`, `episode/tse`,
-  `episode/satisfaction`, `episode/finish_rate`, `episode/cost_rate`, `episode/error_rate`, ...) plus
-  `reward/compliance`, `episode/tokens` (sampled completion tokens) and `episode/policy_version`; payload
-  `persona_group`, `episode_id`, `status`, `error`, `excerpt` (list of turn dicts, see `episode_event`).
-- "learner" (one per optimizer step): `loss/expert`, `loss/cs`, `loss/kl`, `loss/lambda` (PID-Lagrangian λ),
-  `sys/step_time_s`, `sys/trained_version` (oldest policy version in the batch just trained on),
-  `sys/policy_version`, `sys/stale_dropped` (cumulative count).
-- "push" (one per weight push): `sys/policy_version` (the new version), `sys/push_latency_s`.
-- "system" (periodic samples): `sys/queue_depth`, `sys/in_flight`, `sys/tokens_per_s` (else tokens/s is derived
-  from episodes' `episode/tokens`), `sys/policy_version`, `sys/stale_dropped`.
-- "error": payload `error` (text) and `source`.
+`run_dir/metrics.jsonl` (`gopo_online.events.Event.record`: `{"time", "step", "kind", "metrics", "payload"?}`). So
+the controller's live console and a console attached later from the file show the same numbers. The kinds and the
+metric keys read are defined once, in gopo_online.events (`Key`); producers emit those names, nothing renames them.
 
 `rich` is imported inside the functions that render, so importing this module stays cheap.
 """
@@ -31,6 +19,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from gopo_online.events import Key
 
 if TYPE_CHECKING:
     from gopo_online.config import DashboardConfig, GopoConfig
@@ -183,6 +173,9 @@ class DashboardState:
         self.sys_tokens_per_s: float | None = None
         self.pushes = 0
         self.push_latency: float | None = None
+        self.server_tokens_per_s: float | None = None
+        """The policy server's own generation throughput (its /metrics), sampled by the controller."""
+        self.restarts = 0
 
     # ---- folding -----------------------------------------------------------------------------------------------
     def fold(self, event: Mapping[str, Any]) -> None:
@@ -194,28 +187,32 @@ class DashboardState:
         self.events += 1
         self.start_time = t if self.start_time is None else min(self.start_time, t)
         self.last_time = t if self.last_time is None else max(self.last_time, t)
-        if "sys/policy_version" in m:
-            v = int(m["sys/policy_version"])
-            self.policy_version = v if self.policy_version is None else max(self.policy_version, v)
-        if "sys/stale_dropped" in m:
-            self.stale_dropped = m["sys/stale_dropped"]
+        for key in (Key.POLICY_VERSION, Key.LEARNER_VERSION):
+            if key in m:
+                v = int(m[key])
+                self.policy_version = v if self.policy_version is None else max(self.policy_version, v)
+        if Key.STALE_DROPPED in m:
+            self.stale_dropped = m[Key.STALE_DROPPED]
         if kind == "episode":
             self._fold_episode(t, m, payload)
         elif kind == "learner":
             self._fold_learner(event, m)
         elif kind == "push":
             self.pushes += 1
-            if "sys/push_latency_s" in m:
-                self.push_latency = m["sys/push_latency_s"]
+            if Key.PUSH_LATENCY_S in m:
+                self.push_latency = m[Key.PUSH_LATENCY_S]
         elif kind == "system":
-            self.queue_depth = m.get("sys/queue_depth", self.queue_depth)
-            self.in_flight = m.get("sys/in_flight", self.in_flight)
-            self.sys_tokens_per_s = m.get("sys/tokens_per_s", self.sys_tokens_per_s)
+            self.queue_depth = m.get(Key.QUEUE_DEPTH, self.queue_depth)
+            self.in_flight = m.get(Key.IN_FLIGHT, self.in_flight)
+            self.sys_tokens_per_s = m.get(Key.TOKENS_PER_S, self.sys_tokens_per_s)
+            self.server_tokens_per_s = m.get(Key.SERVER_TOKENS_PER_S, self.server_tokens_per_s)
+        elif kind == "restart":  # a supervised part died and was restarted (workers/supervisor.py)
+            self.restarts = max(self.restarts + 1, int(m.get(Key.RESTARTS, 0)))
+            who = payload.get("component") or payload.get("part") or "?"
+            why = payload.get("reason") or payload.get("error") or "restarted"
+            self._error(t, f"restart {who}", f"{who} restarted: {why}")
         elif kind == "error":
             self._error(t, str(payload.get("source", "")), str(payload.get("error", "")) or "(no message)")
-        elif kind == "restart":  # a supervised part died and was restarted (workers/supervisor.py)
-            self.restarts += 1
-            self.errors.append((t, f"restart {payload.get('part', '?')}", str(payload.get("error", "")) or "restarted"))
 
     def _fold_episode(self, t: float, m: Mapping[str, float], payload: Mapping[str, Any]) -> None:
         self.episodes += 1
@@ -260,15 +257,15 @@ class DashboardState:
         self.learner_steps += 1
         if event.get("step") is not None:
             self.learner_step = int(event["step"])
-        if "sys/step_time_s" in m:
-            self.step_time = m["sys/step_time_s"]
-            self._step_times.append(m["sys/step_time_s"])
+        if Key.STEP_TIME_S in m:
+            self.step_time = m[Key.STEP_TIME_S]
+            self._step_times.append(m[Key.STEP_TIME_S])
         for k, v in m.items():
-            if k.startswith("loss/") and k != "loss/lambda":
+            if k.startswith("loss/"):
                 self.losses[k] = v
-        self.lam = m.get("loss/lambda", self.lam)
-        if "sys/trained_version" in m:
-            self.trained_version = int(m["sys/trained_version"])
+        self.lam = m.get(Key.COST_LAMBDA, self.lam)
+        if Key.TRAINED_VERSION in m:
+            self.trained_version = int(m[Key.TRAINED_VERSION])
 
     def _error(self, t: float, source: str, text: str) -> None:
         self.errors_total += 1
@@ -352,6 +349,7 @@ class DashboardState:
             f"episodes={self.episodes}",
             f"eps/min={_f(self.episodes_per_min(now), 1)}",
             f"tok/s={_f(self.tokens_per_s(now), 0)}",
+            f"server_tok/s={_f(self.server_tokens_per_s, 0)}",
             f"queue={_f(self.queue_depth, 0)}",
             f"in_flight={_f(self.in_flight, 0)}",
             f"version={_f(self.policy_version, 0)}",
@@ -361,7 +359,7 @@ class DashboardState:
         ]
         parts += [f"{k}={_f(self.losses.get(k), 3)}" for k in LOSS_KEYS if k in self.losses]
         parts += [f"{k}={_f(self.now_mean(k), 3)}" for _, k in REWARD_ROWS if k in self.series]
-        parts += [f"lambda={_f(self.lam, 3)}", f"errors={self.errors_total}"]
+        parts += [f"lambda={_f(self.lam, 3)}", f"errors={self.errors_total}", f"restarts={self.restarts}"]
         return " ".join(parts)
 
 
@@ -421,10 +419,12 @@ def render_state(state: DashboardState, run_name: str, excerpt_turns: int = 3, n
             ("episodes/min", _f(state.episodes_per_min(now), 1)),
             ("  run average", _f(state.avg_episodes_per_min(), 1)),
             ("tokens/s", _f(state.tokens_per_s(now), 0)),
+            ("server tok/s", _f(state.server_tokens_per_s, 0)),
             ("queue depth", _f(state.queue_depth, 0)),
             ("in-flight", _f(state.in_flight, 0)),
             ("episodes", f"{state.episodes:,}"),
             ("failed", f"{state.failures:,}"),
+            ("restarts", f"{state.restarts:,}"),
             ("stale dropped", _f(state.stale_dropped, 0)),
             ("pushes", f"{state.pushes:,}"),
             ("push latency s", _f(state.push_latency, 2)),

@@ -17,12 +17,15 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
+
+from gopo_online.events import EVENT_KINDS, EventKind
+
+if TYPE_CHECKING:
+    from gopo_online.events import Event
 
 __all__ = ["EVENT_KINDS", "EventKind", "MetricsLogger", "read_metrics"]
 
-EventKind = Literal["episode", "learner", "system", "push", "error", "restart"]
-EVENT_KINDS: tuple[str, ...] = ("episode", "learner", "system", "push", "error", "restart")
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
 
@@ -49,9 +52,17 @@ class MetricsLogger:
     line reaches the OS at once (readers see it) and is synced on `sync()` / `close()`.
     """
 
-    def __init__(self, run_dir: str | Path, jsonl: bool = True, tensorboard: bool = True, *, fsync: bool = False):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        jsonl: bool = True,
+        tensorboard: bool = True,
+        *,
+        fsync: bool = False,
+        filename: str = METRICS_FILE,
+    ):
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / METRICS_FILE
+        self.path = self.run_dir / filename
         self.tb_dir = self.run_dir / TB_DIR
         self._fsync = fsync
         self._fd: int | None = None
@@ -114,6 +125,10 @@ class MetricsLogger:
         if self._tb_enabled and event["metrics"]:
             self._write_scalars(event)
         return event
+
+    def log_event(self, event: Event) -> dict[str, Any]:
+        """Record a gopo_online.events `Event` (its own time); returns the line as written."""
+        return self.log(event.step, event.metrics, event.kind, event.payload, time_s=event.time)
 
     def _write_scalars(self, event: dict[str, Any]) -> None:
         from tensorboard.compat.proto import event_pb2, summary_pb2

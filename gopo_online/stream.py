@@ -40,6 +40,7 @@ from kombu.exceptions import OperationalError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gopo_online.config import BrokerConfig
+from gopo_online.events import Event
 from gopo_online.types import TRAJECTORY_SCHEMA_VERSION, Trajectory
 
 if TYPE_CHECKING:
@@ -99,17 +100,8 @@ class WeightsAnnouncement(BaseModel):
     """host:pid of the announcer."""
 
 
-class MonitorEvent(BaseModel):
-    """One monitoring event on the events fanout (same fields as a line of run_dir/metrics.jsonl)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-    kind: str = Field(pattern=r"^(episode|learner|push|system|error)$")
-    step: int = 0
-    time: float
-    metrics: dict[str, float] = Field(default_factory=dict)
-    payload: dict[str, Any] | None = None
-    source: str = ""
+class MonitorEvent(Event):
+    """One monitoring event on the events fanout: the record of gopo_online.events (kinds and keys defined there)."""
 
 
 # --------------------------------------------------------------------------- topology
@@ -397,6 +389,8 @@ class TrajectoryConsumer:
         # consumer must do it itself or a killed consumer's messages would stay hidden for good.
         self._restore_every_s = min(10.0, self.cfg.visibility_timeout_s / 2)
         self.counts: dict[str, int] = {"consumed": 0, "dead_lettered": 0, "duplicates": 0, "restored_sweeps": 0}
+        self.on_dead_letter: Callable[[str, bytes], Any] | None = None
+        """Called with (reason, body) after a message went to the dead-letter queue (e.g. the trajectory store)."""
 
     # --- connection
     def _bind(self) -> Queue:
@@ -491,6 +485,8 @@ class TrajectoryConsumer:
             message.ack()
             self.counts["dead_lettered"] += 1
             log.warning("dead-lettered a trajectory message: %s", reason[:200])
+            if self.on_dead_letter is not None:
+                self.on_dead_letter(reason, message.body)
             return None
         if self._seen(traj.episode_id) or traj.episode_id in self._pending:
             message.ack()
@@ -638,9 +634,13 @@ class EventPublisher(_FanoutPublisher):
     def emit(
         self, kind: str, metrics: dict[str, float], payload: dict[str, Any] | None = None, step: int = 0
     ) -> MonitorEvent:
-        event = MonitorEvent(kind=kind, step=step, time=time.time(), metrics=metrics, payload=payload, source=_source())
-        self._send(event.model_dump(mode="json"))
-        return event
+        return self.send(Event(kind=kind, step=step, metrics=metrics, payload=payload))  # type: ignore[arg-type]
+
+    def send(self, event: Event) -> MonitorEvent:
+        """Send an event built with gopo_online.events' constructors, stamped with this process as its source."""
+        out = MonitorEvent(**{**event.model_dump(), "source": _source()})
+        self._send(out.model_dump(mode="json"))
+        return out
 
 
 class _FanoutListener:

@@ -63,50 +63,33 @@ LABELS = {
 
 
 def run_adapters(run_dir: Path | str, version: int | None = None) -> tuple[int, dict[str, Path]]:
-    """(version, {"expert": folder, "cs": folder}) of a run's exported LoRA adapters; the latest when version=None.
+    """(version, {"expert": folder, "cs": folder}) of a run's LoRA adapters; the latest when version=None.
 
-    The ONE place eval reads the weights layout. The learner (trainer/learner.py `export_weights`) writes
-    run_dir/weights/v{N:06d}/{expert,cs}/ (PEFT adapter folders) plus version.json, keeping the last few; the copies
-    it pushed to the server live in run_dir/weights/serving/{agent}/lora-v{N}/ (gopo_online.serving.weights). The
-    exports are read first, the served copies are the fallback.
+    The layout is `gopo_online.serving.weights.WeightSync`'s (the learner writes each adapter once through it);
+    this only picks a version and checks that its folders are complete PEFT adapters.
     """
+    from gopo_online.serving.weights import WeightPushError, WeightSync, verify_weights_dir
+
     run_dir = Path(run_dir)
-    root = run_dir / "weights"
     if not run_dir.is_dir():
         raise EvalError(f"run folder {run_dir} does not exist")
-    found: dict[int, dict[str, Path]] = {}
-    for p in sorted(root.glob("v[0-9]*")) if root.is_dir() else []:
-        meta = p / "version.json"
-        if not p.name[1:].isdigit() or not meta.is_file():
-            continue  # a half-written export has no version.json (it is renamed into place complete)
-        try:
-            info = json.loads(meta.read_text())
-        except ValueError as e:
-            raise EvalError(f"{meta}: unreadable ({e})") from None
-        if info.get("finetune", "lora") != "lora":
-            raise EvalError(
-                f"{p}: the run was trained with finetune={info.get('finetune')!r}; eval serves LoRA adapters"
-            )
-        found[int(p.name[1:])] = {a: p / a for a in AGENTS}
-    for agent in AGENTS:
-        for p in sorted((root / "serving" / agent).glob("lora-v[0-9]*")) if root.is_dir() else []:
-            v = p.name.removeprefix("lora-v")
-            if v.isdigit() and (p / "adapter_config.json").is_file():
-                found.setdefault(int(v), {}).setdefault(agent, p)
-    complete = {v: d for v, d in found.items() if all(a in d for a in AGENTS)}
+    sync = WeightSync.for_run(run_dir)
+    complete = sync.versions()
     if not complete:
         raise EvalError(
-            f"{run_dir}: no trained adapters found (looked for {root}/v<N>/{{expert,cs}} and "
-            f"{root}/serving/<agent>/lora-v<N>); train the run first"
+            f"{run_dir}: no trained adapters found (no version in {sync.root} has a folder for every agent "
+            f"{list(sync.agents)}); train the run first"
         )
     if version is None:
-        version = max(complete)
+        version = complete[-1]
     if version not in complete:
-        raise EvalError(f"{run_dir}: no adapters of version {version}; available: {sorted(complete)}")
-    dirs = complete[version]
+        raise EvalError(f"{run_dir}: no adapters of version {version}; available: {complete}")
+    dirs = {a: sync.path(a, version) for a in AGENTS}
     for a, d in dirs.items():
-        if not (d / "adapter_config.json").is_file() or not (d / "adapter_model.safetensors").is_file():
-            raise EvalError(f"{d}: not a complete PEFT adapter folder ({a}, version {version})")
+        try:
+            verify_weights_dir(d, "lora")
+        except WeightPushError as e:
+            raise EvalError(f"{d}: not a complete PEFT adapter folder ({a}, version {version}): {e}") from None
     return version, dirs
 
 

@@ -166,10 +166,11 @@ def _fmt(v: Any) -> str:
 
 
 def print_report(report: dict[str, Any], console: Any = None) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    """The per-group table; at 80 columns or in a pipe it is transposed rather than cut (numbers stay whole)."""
+    from gopo_online.tables import console as make_console
+    from gopo_online.tables import print_table
 
-    console = console or Console()
+    console = console or make_console()
     cols = (
         "episodes",
         "tse",
@@ -184,13 +185,10 @@ def print_report(report: dict[str, Any], console: Any = None) -> None:
         "bleu",
         "tse_agreement",
     )
-    table = Table(title=f"stress: {report['setup'].get('target')}")
-    table.add_column("group")
-    for c in cols:
-        table.add_column(c, justify="right")
-    for name, m in [*report["groups"].items(), ("ALL", report["overall"])]:
-        table.add_row(name, *(_fmt(m.get(c)) for c in cols))
-    console.print(table)
+    rows = [
+        [name, *(_fmt(m.get(c)) for c in cols)] for name, m in [*report["groups"].items(), ("ALL", report["overall"])]
+    ]
+    print_table(console, f"stress: {report['setup'].get('target')}", ("group", *cols), rows)
 
 
 def plot_report(report: dict[str, Any], path: Path) -> None:

@@ -73,8 +73,8 @@ def test_start_vs_now_and_learner_figures():
     assert state.now_mean("reward/compliance") == pytest.approx(0.55)  # falls back to episode/compliance
     assert math.isnan(state.now_mean("episode/tse"))
     state.fold({"time": 5.0, "kind": "push", "step": 5, "metrics": {"sys/policy_version": 5, "sys/push_latency_s": 2}})
-    learner = {"loss/expert": 0.5, "loss/cs": 1.5, "loss/kl": 0.02, "loss/lambda": 0.3, "sys/step_time_s": 4.0}
-    state.fold({"time": 6.0, "kind": "learner", "step": 11, "metrics": {**learner, "sys/trained_version": 3}})
+    learner = {"loss/expert": 0.5, "loss/cs": 1.5, "loss/kl": 0.02, "learner/cost_lambda": 0.3, "sys/step_time_s": 4.0}
+    state.fold({"time": 6.0, "kind": "learner", "step": 11, "metrics": {**learner, "learner/trained_version": 3}})
     state.fold({"time": 7.0, "kind": "learner", "step": 12, "metrics": {"sys/step_time_s": 2.0}})
     assert state.policy_version == 5 and state.version_lag == 2  # 5 - 3
     assert state.learner_step == 12 and state.step_time == 2.0 and state.mean_step_time == 3.0
@@ -107,7 +107,7 @@ def _busy_dashboard() -> Dashboard:
             },
             time_s=float(i),
         )
-    dash.update("learner", {"loss/expert": 0.4321, "loss/kl": 0.0123, "sys/trained_version": 1}, step=9, time_s=5.0)
+    dash.update("learner", {"loss/expert": 0.4321, "loss/kl": 0.0123, "learner/trained_version": 1}, step=9, time_s=5.0)
     dash.update("push", {"sys/policy_version": 3}, time_s=5.0)
     dash.update("system", {"sys/queue_depth": 17, "sys/in_flight": 8}, time_s=5.0)
     dash.update("error", {}, {"source": "worker-2", "error": "ConnectionResetError from broker"}, time_s=6.0)
@@ -240,7 +240,7 @@ def test_attach_reads_an_existing_metrics_file(tmp_path, capsys):
     with MetricsLogger(cfg.run.run_dir, tensorboard=False) as log:
         for i in range(5):
             log.log(i, {"reward/joint": 0.5, "episode/tse": 0.25}, "episode", {"persona_group": "coop"}, time_s=i)
-        log.log(1, {"loss/cs": 0.75, "sys/trained_version": 0}, "learner", time_s=5.0)
+        log.log(1, {"loss/cs": 0.75, "learner/trained_version": 0}, "learner", time_s=5.0)
         log.log(1, {"sys/policy_version": 1}, "push", time_s=5.0)
     console = Console(file=io.StringIO(), force_terminal=False)
     dash = attach(cfg, max_iterations=2, console=console)

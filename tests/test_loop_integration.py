@@ -70,11 +70,14 @@ def test_train_end_to_end_then_resume(tmp_path: Path) -> None:
     assert last_push == 2  # one push per step, confirmed by the server before the event was sent
     assert min(e["metrics"]["episode/policy_version"] for e in ok) == 0  # the first episodes ran on the base
     # max_staleness = 0: step 2 could only use trajectories sampled after push 1, i.e. tagged with the new version.
-    assert [e["metrics"]["sys/trained_version"] for e in steps] == [0, 1]
+    assert [e["metrics"]["learner/trained_version"] for e in steps] == [0, 1]
     # Version registries (written only after the server reported the new version) and a checkpoint exist.
-    for agent in ("expert", "cs"):
-        reg = json.loads((run_dir / "weights" / "serving" / agent / "versions.json").read_text())
-        assert reg["current"]["version"] == last_push
+    reg = json.loads((run_dir / "weights" / "versions.json").read_text())
+    from gopo_online.trajectory_store import read_records
+
+    stored = list(read_records(run_dir))  # what the learner saw, kept with its outcome (trained / dropped_stale)
+    assert sum(r["outcome"] == "trained" for r in stored) >= 2 and all("trajectory" in r for r in stored)
+    assert reg["current"]["version"] == last_push and sorted(reg["current"]["paths"]) == ["cs", "expert"]
     assert any((run_dir / "checkpoints").iterdir())
     state = json.loads((run_dir / "controller.json").read_text())
     first_next = state["next_episode"]
@@ -93,5 +96,5 @@ def test_train_end_to_end_then_resume(tmp_path: Path) -> None:
     # Later trajectories carry the pushed version, and the learner trained on them.
     new_ok = [e for e in new_events if e["kind"] == "episode" and e["payload"]["status"] == "ok"]
     assert new_ok and min(e["metrics"]["episode/policy_version"] for e in new_ok) >= last_push
-    assert new_steps[0]["metrics"]["sys/trained_version"] == last_push
+    assert new_steps[0]["metrics"]["learner/trained_version"] == last_push
     assert max(e["metrics"]["sys/policy_version"] for e in new_events if e["kind"] == "push") == last_push + 1

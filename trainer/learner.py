@@ -20,7 +20,6 @@ touches the policies, so the policy losses stay exactly eq 7 / eq 9.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -34,7 +33,11 @@ from typing import Any
 
 import numpy as np
 
+from gopo_online import events as events_lib
 from gopo_online.config import GopoConfig
+from gopo_online.events import Key
+from gopo_online.metrics_log import MetricsLogger
+from gopo_online.trajectory_store import TrajectoryStore
 from gopo_online.types import Trajectory
 from trainer.collate import AGENTS, MicroBatch, collate, drop_errors, split_fresh
 
@@ -48,8 +51,6 @@ AnnounceFn = Callable[[int, dict[str, Path]], Any]
 CRITIC_LR = 1e-3
 """Adam lr of the linear critic: a probe on frozen features, so far larger than the policies' lr is safe."""
 KEEP_CHECKPOINTS = 2
-KEEP_EXPORTS = 3
-"""Weight versions kept on disk: a server may still be loading the previous one."""
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -421,8 +422,13 @@ class Learner:
     # ------------------------------------------------------------------------------------------------------------
 
     @property
-    def export_root(self) -> Path:
-        return self.run_dir / "weights"
+    def weights(self):
+        """The run's weight layout (gopo_online.serving.weights.WeightSync; this learner only writes through it)."""
+        if getattr(self, "_weights", None) is None:
+            from gopo_online.serving.weights import WeightSync
+
+            self._weights = WeightSync.from_config(self.cfg, run_dir=self.run_dir, servers=[])
+        return self._weights
 
     @contextmanager
     def _gathered(self, engine):
@@ -437,43 +443,28 @@ class Learner:
                 yield
 
     def export_weights(self, version: int) -> dict[str, Path]:
-        """Write both policies' weights for `version` (atomically: temp dir + rename); returns agent → dir.
+        """Write both policies' adapters of `version` once, into their final folders; returns agent -> dir.
 
-        LoRA: a PEFT adapter folder per agent (`adapter_config.json` + `adapter_model.safetensors`).
-        Full: a folder per agent with `model.safetensors` + `config.json` (what vLLM's reload_weights reads).
+        `WeightSync.write` owns the layout, the atomic write (temp folder, fsync, rename), the check that the
+        folder is complete, and pruning: a PEFT adapter folder per agent (adapter_config.json +
+        adapter_model.safetensors).
         """
-        import torch
-        from safetensors.torch import save_file
+        if not self.lora:
+            raise NotImplementedError("only LoRA adapters are published (serving.weight_transport = 'lora')")
 
-        final = self.export_root / f"v{version:06d}"
-        tmp = self.export_root / f".tmp-v{version:06d}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        out = {}
-        for a in AGENTS:
-            engine = self._engine_of(a)
-            with self._gathered(engine):
-                if self.lora:
-                    engine.module.save_pretrained(tmp, selected_adapters=[a])  # PEFT writes tmp/<adapter>/
-                else:
-                    if engine.zero_optimization_stage() == 3:
-                        sd = engine._zero3_consolidated_16bit_state_dict()
-                    else:
-                        sd = engine.module.state_dict()
-                    dtype = torch.bfloat16 if self.bf16 else torch.float32
-                    if engine.module.config.tie_word_embeddings:
-                        sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}  # shared storage: vLLM re-ties
-                    sd = {k: v.detach().to(dtype).contiguous().clone() for k, v in sd.items()}
-                    (tmp / a).mkdir()
-                    save_file(sd, str(tmp / a / "model.safetensors"), metadata={"format": "pt"})
-                    engine.module.config.save_pretrained(tmp / a)
-            out[a] = final / a
-        (tmp / "version.json").write_text(json.dumps({"version": version, "finetune": self.lc.finetune}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        self._prune(self.export_root, "v", KEEP_EXPORTS)
-        return out
+        def writer(agent: str):
+            def write(dest: Path) -> None:
+                engine = self._engine_of(agent)
+                with self._gathered(engine):
+                    engine.module.save_pretrained(dest, selected_adapters=[agent])
+                # PEFT puts a non-default adapter in a sub-folder named after it
+                for f in (dest / agent).iterdir():
+                    os.replace(f, dest / f.name)
+                (dest / agent).rmdir()
+
+            return write
+
+        return self.weights.write(version, {a: writer(a) for a in AGENTS})
 
     def _publish(self, exported: dict[str, Path]) -> None:
         self.steps_since_push = 0
@@ -631,8 +622,9 @@ def main(
     the controller started an embedded broker): batches from `gopo_online.stream.TrajectoryConsumer`, acked only
     after the step that used them succeeded; it announces `weights.updated` through `WeightsAnnouncer` and sends
     learner/push events to the controller (events fanout). Without `publish`, and with `serving.policy.url` set,
-    weights go to the live policy server through `serving_publisher` (one LoRA adapter per agent).
-    Metrics also go to run_dir/learner_metrics.jsonl.
+    weights go to the live policy server through `WeightSync.publish` (one LoRA adapter per agent).
+    Every event it sends (gopo_online.events) is also logged by a `MetricsLogger` to run_dir/learner_metrics.jsonl,
+    the learner's own record when no controller listens.
     """
     closers: list[Callable[[], Any]] = []
     ack: Callable[[], Any] = lambda: None  # noqa: E731
@@ -646,48 +638,57 @@ def main(
 
     in_main = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
     previous = signal.signal(signal.SIGINT, request_stop) if in_main else None
-    emit: Callable[..., Any] = lambda *a, **k: None  # noqa: E731
-    publishers = None
+    broadcast: Callable[[Any], Any] = lambda event: None  # noqa: E731
+    own_log = MetricsLogger(cfg.run.run_dir, tensorboard=False, filename="learner_metrics.jsonl")
+    closers.append(own_log.close)
+
+    def emit(event: Any) -> None:
+        """Send an event (gopo_online.events) to the controller and keep it in the learner's own record."""
+        own_log.log_event(event)
+        broadcast(event)
+
+    store = TrajectoryStore(cfg.run.run_dir)  # every trajectory seen, with what became of it
+    closers.append(store.close)
+    sync = None
     if publish is None and cfg.serving.policy.url:
-        publishers = serving_publishers(cfg, cfg.run.run_dir)
-        publish = ServingPush(publishers, cfg.serving.policy.url)
+        from gopo_online.serving.weights import WeightSync
+
+        sync = WeightSync.from_config(cfg, run_dir=cfg.run.run_dir)
+        publish = sync.publish
     if source is None:
         consumer, announcer, events = _stream_parts(cfg)
         closers += [consumer.close, announcer.close, events.close]
         source = _batches(consumer, cfg.learner.batch_episodes, should_stop=lambda: stop_requested)
         ack = consumer.ack
-        emit = _safe_emit(events)
+        consumer.on_dead_letter = store.dead_letter
+        broadcast = _safe_emit(events)
         if announce is None:
-            transport = cfg.learner.finetune
 
             def announce(version: int, exported: dict[str, Path]) -> None:
-                path = str(next(iter(exported.values())).parent)
-                served = {a: publishers[a].served_model(version) if publishers else f"{a}-v{version}" for a in exported}
-                announcer.announce(version, transport, path, served)
-                m = {"sys/policy_version": float(version)}
-                if isinstance(publish, ServingPush) and publish.last_latency_s is not None:
-                    m["sys/push_latency_s"] = publish.last_latency_s
-                emit("push", m, {"served": served}, step=version)
+                from gopo_online.serving.weights import WeightSync
+
+                a = (sync or WeightSync.from_config(cfg, run_dir=cfg.run.run_dir, servers=[])).announcement(version)
+                announcer.announce(a["version"], a["transport"], a["path"], a["served_models"])
+                last = sync.last_result if sync is not None else None
+                latency = last.write_s + last.push_s if last is not None and last.version == version else None
+                emit(events_lib.push(version, latency, a["served_models"]))
 
     learner = Learner(cfg, publish=publish, announce=announce)
-    metrics_path = learner.run_dir / "learner_metrics.jsonl"
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     try:
         learner.setup()
-        if publishers is not None:
-            _catch_up_with_registry(learner, publishers)
+        if sync is not None:
+            _catch_up_with_registry(learner, sync)
         for batch in source:
             t_step = time.perf_counter()
-            step_before = learner.global_step
+            step_before, version_before = learner.global_step, learner.version
             metrics = learner.step(batch)
+            store.append_batch(_outcomes(batch, version_before, cfg.learner.max_staleness), version_before)
             ack()
-            with metrics_path.open("a") as f:
-                f.write(json.dumps({"time": time.time(), **metrics}) + "\n")
             if learner.global_step > step_before:
-                emit("learner", _dashboard_metrics(metrics, time.perf_counter() - t_step), step=learner.global_step)
+                emit(events_lib.learner(metrics, learner.global_step, time.perf_counter() - t_step))
             else:  # nothing fresh in the batch (all stale or failed): no update, but the drop counts are news
-                emit("system", {"sys/stale_dropped": float(metrics.get("learner/dropped_stale_total", 0))})
+                emit(events_lib.system({Key.STALE_DROPPED: metrics.get(Key.STALE_DROPPED, 0)}))
             if on_metrics is not None:
                 on_metrics(metrics)
             if cfg.run.max_steps is not None and learner.global_step >= cfg.run.max_steps:
@@ -710,81 +711,33 @@ def main(
     return 0
 
 
-def serving_publishers(cfg: GopoConfig, run_dir: Path) -> dict[str, Any]:
-    """One `WeightPublisher` per agent: a LoRA adapter hot-loaded in place under the agent's name on the policy
-    server; each agent's version registry lives in run_dir/weights/serving/<agent> (the controller's refit reads
-    the same place)."""
-    from gopo_online.serving.weights import LoRATransport, WeightPublisher, admin_token
-
-    if cfg.serving.weight_transport != "lora" or cfg.learner.finetune != "lora":
-        raise NotImplementedError(
-            "the learner pushes to a live server as LoRA adapters (serving.weight_transport = learner.finetune = "
-            "'lora'); full weights of two policies would need two policy servers"
-        )
-    return {
-        a: WeightPublisher(
-            LoRATransport(served_name=cfg.model.served_name, adapter_name=a),
-            Path(run_dir) / "weights" / "serving" / a,
-            [cfg.serving.policy.url],
-            token=admin_token(cfg.serving),
-            timeout_s=cfg.serving.request_timeout_s,
-        )
-        for a in AGENTS
-    }
-
-
-class ServingPush:
-    """The learner's `publish` callback for the live policy server: each agent's adapter through its publisher."""
-
-    def __init__(self, publishers: dict[str, Any], server_url: str) -> None:
-        self.publishers = publishers
-        self.server_url = server_url
-        self.last_latency_s: float | None = None
-        """Write + push + version read-back of the last published version, both agents (seconds)."""
-
-    def __call__(self, version: int, exported: dict[str, Path]) -> None:
-        latency = 0.0
-        for agent, pub in self.publishers.items():
-            current = pub.registry.current_version()
-            if version > current:
-                r = pub.publish(version, adapter_dir=exported[agent])
-                latency += r.write_s + r.push_s
-            elif version == current and not pub.refit(self.server_url):
-                # setup() re-publishes what it holds: the server must serve exactly that (stale until refit)
-                raise RuntimeError(f"could not refit {self.server_url} to {agent} version {version}")
-            # version < current: the registry ran ahead of the last checkpoint; _catch_up_with_registry fixes it
-        self.last_latency_s = latency
-
-
-def _catch_up_with_registry(learner: Learner, publishers: dict[str, Any]) -> None:
+def _catch_up_with_registry(learner: Learner, sync: Any) -> None:
     """After a crash between a push and the next checkpoint the servers hold a newer version than the resumed
     learner. Versions only move forward: publish the learner's weights as the next version."""
-    ahead = max(p.registry.current_version() for p in publishers.values())
+    ahead = sync.current_version()
     if ahead > learner.version:
         learner.log(f"[learner] registry at v{ahead} > checkpoint v{learner.version}: publishing as v{ahead + 1}")
         learner.version = ahead + 1
         learner._publish(learner.export_weights(learner.version))
 
 
-def _dashboard_metrics(m: dict[str, float], wall_s: float) -> dict[str, float]:
-    """The learner event's metrics under the dashboard's keys (gopo_online.dashboard docstring), plus the rest."""
-    out = {k: float(v) for k, v in m.items() if isinstance(v, int | float) and math.isfinite(v)}
-    if "learner/trained_version" in m:
-        out["sys/trained_version"] = float(m["learner/trained_version"])
-    out["sys/policy_version"] = float(m.get("learner/version", 0))
-    out["sys/stale_dropped"] = float(m.get("learner/dropped_stale_total", 0))
-    if "learner/cost_lambda" in m:
-        out["loss/lambda"] = float(m["learner/cost_lambda"])
-    out["sys/step_wall_s"] = wall_s
-    return out
+def _outcomes(batch: list[Trajectory], version: int, max_staleness: int) -> list[tuple[Trajectory, str]]:
+    """What `Learner.step` (at `version`) did with each trajectory: the same split_fresh / drop_errors it uses."""
+    fresh, _ = split_fresh(batch, version, max_staleness)
+    ok, _ = drop_errors(fresh)
+    fresh_ids, ok_ids = {t.episode_id for t in fresh}, {t.episode_id for t in ok}
+    return [
+        (t, "trained" if t.episode_id in ok_ids else "error" if t.episode_id in fresh_ids else "dropped_stale")
+        for t in batch
+    ]
 
 
-def _safe_emit(events: Any) -> Callable[..., None]:
-    def emit(kind: str, metrics: dict[str, float], payload: dict[str, Any] | None = None, step: int = 0) -> None:
+def _safe_emit(events: Any) -> Callable[[Any], None]:
+    def emit(event: Any) -> None:
         try:
-            events.emit(kind, metrics, payload, step=step)
+            events.send(event)
         except Exception as e:  # noqa: BLE001 - a lost dashboard sample must not stop training
-            print(f"[learner] could not send a {kind} event: {e!r}", flush=True)
+            print(f"[learner] could not send a {event.kind} event: {e!r}", flush=True)
 
     return emit
 

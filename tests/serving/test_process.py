@@ -69,15 +69,19 @@ def test_server_from_config(tmp_path, monkeypatch):
     s = server_from_config(cfg)
     assert s.enable_lora and not s.dev_mode  # default weight transport: LoRA hot-load
     assert s.log_path == tmp_path / "gopo" / "logs" / "vllm-policy.log"
+    # a full-reload policy server (dev mode) is no config the loop accepts: the validator says why
+    with pytest.raises(ValueError, match="cannot run in the training loop"):
+        GopoConfig.model_validate(
+            {
+                "model": {"path": str(model)},
+                "serving": {"weight_transport": "full", "simulator": "separate", "policy": {"port": 8123}},
+                "learner": {"finetune": "full"},
+            }
+        )
     cfg = GopoConfig.model_validate(
-        {
-            "model": {"path": str(model)},
-            "serving": {"weight_transport": "full", "simulator": "separate", "policy": {"port": 8123}},
-            "learner": {"finetune": "full"},
-        }
+        {"model": {"path": str(model)}, "serving": {"simulator": "separate", "policy": {"port": 8123}}}
     )
-    s = server_from_config(cfg)
-    assert s.dev_mode and not s.enable_lora and s.port == 8123
+    assert server_from_config(cfg).port == 8123
     sim = server_from_config(cfg, "simulator")
     assert not sim.dev_mode and not sim.enable_lora
     cfg = GopoConfig.model_validate({"model": {"path": str(model)}})

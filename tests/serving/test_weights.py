@@ -1,4 +1,4 @@
-"""Client logic of the weight push: atomic writes, verification before any HTTP call, call order, versions.
+"""WeightSync: layout, atomic writes, verification before any HTTP call, call order, versions, served versions.
 
 The server here is a real local `http.server` that records what it is sent and answers like vLLM's admin
 routes; the behaviour of vLLM itself is covered by test_weights_integration.py.
@@ -8,26 +8,20 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from gopo_online.bench_weights import full_weights_writer, single_sync
 from gopo_online.serving.weights import (
     AdminClient,
-    FullReloadTransport,
-    LoRATransport,
-    NCCLTransport,
-    StaleServerError,
-    VersionRegistry,
-    WeightPublisher,
     WeightPushError,
+    WeightSync,
     atomic_dir,
     check_safetensors_file,
-    ensure_current,
-    make_transport,
-    require_current,
     verify_weights_dir,
 )
 
@@ -146,17 +140,52 @@ def test_atomic_dir_replaces_existing_version(tmp_path: Path) -> None:
     assert _visible(tmp_path) == ["v1"]
 
 
-def test_publish_crash_in_writer_makes_no_call_and_keeps_registry(tmp_path, fake, base_model) -> None:
-    class Exploding(dict):
-        def items(self):  # the writer dies after starting to serialise
-            raise OSError("disk full")
+def _adapter(d: Path) -> Path:
+    from safetensors.torch import save_file
 
-    pub = WeightPublisher(FullReloadTransport(base_model), tmp_path / "w", [fake.url])
+    d.mkdir(parents=True)
+    (d / "adapter_config.json").write_text('{"r": 4}')
+    save_file({"base_model.model.x.lora_A.weight": torch.zeros(4, 8)}, str(d / "adapter_model.safetensors"))
+    return d
+
+
+def _writer(tag: float = 0.0):
+    """A learner-like source: fills the temp folder it is handed (the adapter is written once, in place)."""
+    from safetensors.torch import save_file
+
+    def write(dest: Path) -> None:
+        (dest / "adapter_config.json").write_text('{"r": 4}')
+        save_file(
+            {"base_model.model.x.lora_A.weight": torch.full((4, 8), tag)}, str(dest / "adapter_model.safetensors")
+        )
+
+    return write
+
+
+def _sync(tmp_path: Path, servers: list[str], **kw) -> WeightSync:
+    from gopo_online.serving.weights import LoRATransport
+
+    return WeightSync(tmp_path / "w", {a: LoRATransport(adapter_name=a) for a in ("expert", "cs")}, servers, **kw)
+
+
+def test_publish_crash_in_writer_makes_no_call_and_keeps_registry(tmp_path, fake) -> None:
+    def exploding(dest: Path) -> None:
+        (dest / "adapter_config.json").write_text("{}")
+        raise OSError("disk full")
+
+    sync = _sync(tmp_path, [fake.url])
     with pytest.raises(OSError, match="disk full"):
-        pub.publish(1, state_dict=Exploding(w=torch.zeros(1)))
-    assert _visible(tmp_path / "w") == []
+        sync.publish(1, {"expert": _writer(), "cs": exploding})
+    assert _visible(tmp_path / "w" / "cs") == []  # no half-written folder, no temp folder
     assert fake.calls == []
-    assert pub.registry.current() is None
+    assert sync.registry.current() is None
+
+
+def test_incomplete_writer_output_is_never_renamed_into_place(tmp_path, fake) -> None:
+    sync = _sync(tmp_path, [fake.url])
+    with pytest.raises(WeightPushError, match="adapter_config.json"):
+        sync.publish(1, {"expert": _writer(), "cs": lambda dest: None})
+    assert _visible(tmp_path / "w" / "cs") == [] and fake.calls == []
 
 
 # ---------------------------------------------------------------- verification before HTTP
@@ -182,34 +211,63 @@ def test_verify_missing_or_incomplete_dir(tmp_path: Path, kind) -> None:
         verify_weights_dir(tmp_path / "d", kind)
 
 
-def test_refit_with_missing_path_fails_before_any_admin_post(tmp_path, fake, base_model) -> None:
-    pub = WeightPublisher(FullReloadTransport(base_model), tmp_path / "w", [fake.url])
-    res = pub.publish(1, state_dict=_sd())
-    fake.calls.clear()
-    fake.weight_version = "default"  # the server restarted
+def test_refit_with_missing_path_fails_before_any_admin_post(tmp_path, fake) -> None:
     import shutil
 
-    shutil.rmtree(res.path)  # and the folder vanished
+    sync = _sync(tmp_path, [fake.url])
+    res = sync.publish(1, {"expert": _writer(), "cs": _writer()})
+    fake.calls.clear()
+    fake.lora.clear()  # the server restarted
+    shutil.rmtree(res.paths["expert"])  # and the folder vanished
     with pytest.raises(WeightPushError, match="does not exist"):
-        pub.refit(fake.url)
-    assert [c["method"] for c in fake.calls] == ["GET"]  # only the version query, no /pause or /collective_rpc
+        sync.refit(fake.url)
+    assert [c["method"] for c in fake.calls] == ["GET"]  # only the version query, no load
 
 
-def test_push_of_unverifiable_folder_makes_no_call(tmp_path, fake) -> None:
-    pub = WeightPublisher(FullReloadTransport(None), tmp_path / "w", [fake.url])
-    (tmp_path / "w" / "v3").mkdir(parents=True)  # exists but holds no weights
-    with pytest.raises(WeightPushError):
-        pub._push_one(fake.url, 3, tmp_path / "w" / "v3")
-    assert fake.calls == []
+# ---------------------------------------------------------------- layout, write once, registry
 
 
-# ---------------------------------------------------------------- full reload protocol
+def test_layout_write_once_and_registry(tmp_path, fake) -> None:
+    sync = _sync(tmp_path, [fake.url])
+    written = sync.write(1, {"expert": _writer(1.0), "cs": _writer(2.0)})
+    assert written == {a: tmp_path / "w" / a / "lora-v1" for a in ("expert", "cs")}
+    inode = written["expert"].stat().st_ino
+    res = sync.publish(1, written)  # what the learner does: write, then publish the final folders
+    assert written["expert"].stat().st_ino == inode  # verified, not copied again
+    assert res is not None and res.version == 1 and res.served_models == {"expert": "expert", "cs": "cs"}
+    reg = json.loads((tmp_path / "w" / "versions.json").read_text())
+    assert reg["current"]["version"] == 1 and reg["current"]["paths"]["cs"] == str(written["cs"])
+    assert _visible(tmp_path / "w") == ["cs", "expert", "versions.json"]
+    with pytest.raises(ValueError, match="exactly the agents"):
+        sync.write(2, {"expert": _writer()})
+
+
+def test_prune_keeps_last_versions(tmp_path, fake) -> None:
+    sync = _sync(tmp_path, [fake.url], keep_last=2)
+    for v in range(1, 5):
+        sync.publish(v, {"expert": _writer(v), "cs": _writer(v)})
+    assert _visible(tmp_path / "w" / "expert") == ["lora-v3", "lora-v4"]
+
+
+def test_republish_current_refits_and_older_is_skipped(tmp_path, fake) -> None:
+    sync = _sync(tmp_path, [fake.url])
+    sync.publish(2, {"expert": _writer(), "cs": _writer()})
+    fake.lora.clear()  # restart
+    assert sync.publish(2, {"expert": _writer(), "cs": _writer()}) is None  # learner setup after a resume
+    assert sync.server_version() == 2
+    fake.calls.clear()
+    assert sync.publish(1, {"expert": _writer(), "cs": _writer()}) is None  # registry ahead: nothing pushed
+    assert fake.calls == [] and sync.current_version() == 2
+
+
+# ---------------------------------------------------------------- full reload protocol (benchmark transport)
 
 
 def test_full_publish_call_order_and_version(tmp_path, fake, base_model) -> None:
     seen = []
-    pub = WeightPublisher(FullReloadTransport(base_model), tmp_path / "w", [fake.url + "/v1"], on_published=seen.append)
-    res = pub.publish(1, state_dict=_sd())
+    sync = single_sync("full", tmp_path / "w", [fake.url + "/v1"])
+    sync.on_published = seen.append
+    res = sync.publish(1, {"policy": full_weights_writer(_sd(), base_model, 1)})
     assert fake.paths() == [
         "/pause",
         "/collective_rpc",
@@ -218,122 +276,152 @@ def test_full_publish_call_order_and_version(tmp_path, fake, base_model) -> None
         "/resume",
         "/weight_info",
     ]
+    path = tmp_path / "w" / "policy" / "v1"
     assert fake.calls[0]["query"] == {"mode": ["keep"]}
-    assert fake.calls[1]["body"] == {"method": "reload_weights", "kwargs": {"weights_path": str(res.path)}}
-    assert res.path == tmp_path / "w" / "v1" and (res.path / "config.json").is_file()
-    assert res.version == 1 and res.served_model == "policy" and res.cache_reset is True
-    assert pub.registry.current_version() == 1 and seen == [res]
-    assert pub.server_version() == 1
-    with pytest.raises(ValueError, match="not newer"):
-        pub.publish(1, state_dict=_sd())
+    assert fake.calls[1]["body"] == {"method": "reload_weights", "kwargs": {"weights_path": str(path)}}
+    assert res.paths == {"policy": str(path)} and (path / "config.json").is_file()
+    assert res.version == 1 and res.served_models == {"policy": "policy"} and res.cache_reset is True
+    assert sync.current_version() == 1 and seen == [res]
+    assert sync.server_version() == 1
 
 
 def test_full_reload_failure_resumes_marks_unknown_and_keeps_registry(tmp_path, fake, base_model) -> None:
-    pub = WeightPublisher(FullReloadTransport(base_model), tmp_path / "w", [fake.url])
+    sync = single_sync("full", tmp_path / "w", [fake.url])
     fake.fail.add("/collective_rpc")
     with pytest.raises(WeightPushError, match="HTTP 500"):
-        pub.publish(1, state_dict=_sd())
+        sync.publish(1, {"policy": full_weights_writer(_sd(), base_model)})
     assert fake.paths()[-1] == "/resume"  # resumed in the finally
     assert fake.weight_version == "unknown"
-    assert pub.registry.current() is None
-    assert pub.server_version() is None
+    assert sync.registry.current() is None
+    assert sync.server_version() is None
 
 
 def test_server_that_does_not_confirm_is_an_error(tmp_path, fake, base_model) -> None:
-    pub = WeightPublisher(FullReloadTransport(base_model), tmp_path / "w", [fake.url])
+    sync = single_sync("full", tmp_path / "w", [fake.url])
     fake.fail.add("/update_weight_version")
     with pytest.raises(WeightPushError):
-        pub.publish(1, state_dict=_sd())
-    assert pub.registry.current() is None
-
-
-def test_restarted_server_is_stale_until_refit(tmp_path, fake, base_model) -> None:
-    t = FullReloadTransport(base_model)
-    pub = WeightPublisher(t, tmp_path / "w", [fake.url])
-    pub.publish(1, state_dict=_sd())
-    pub.publish(2, state_dict=_sd(2.0))
-    fake.weight_version = "default"  # restart: the engine forgot
-    reg = VersionRegistry(tmp_path / "w")
-    with pytest.raises(StaleServerError):
-        require_current(fake.url, reg, t)
-    fake.calls.clear()
-    assert ensure_current(fake.url, reg, t) is True
-    assert fake.calls[2]["body"]["kwargs"]["weights_path"] == str(tmp_path / "w" / "v2")
-    assert require_current(fake.url, reg, t) == 2
-    fake.calls.clear()
-    assert ensure_current(fake.url, reg, t) is True  # already current: only the query
-    assert fake.paths() == ["/weight_info"]
-
-
-def test_prune_keeps_last_versions(tmp_path, fake, base_model) -> None:
-    pub = WeightPublisher(FullReloadTransport(base_model), tmp_path / "w", [fake.url], keep_last=2)
-    for v in range(1, 5):
-        pub.publish(v, state_dict=_sd(v))
-    assert _visible(tmp_path / "w") == ["v3", "v4", "versions.json"]
+        sync.publish(1, {"policy": full_weights_writer(_sd(), base_model)})
+    assert sync.registry.current() is None
 
 
 # ---------------------------------------------------------------- LoRA protocol
 
 
-def _adapter(d: Path) -> Path:
-    from safetensors.torch import save_file
-
-    d.mkdir(parents=True)
-    (d / "adapter_config.json").write_text('{"r": 4}')
-    save_file({"base_model.model.x.lora_A.weight": torch.zeros(4, 8)}, str(d / "adapter_model.safetensors"))
-    return d
-
-
 def test_lora_publish_loads_in_place_and_reads_version_back(tmp_path, fake) -> None:
-    pub = WeightPublisher(LoRATransport(), tmp_path / "w", [fake.url])
-    assert pub.server_version() == 0 and pub.served_model(0) == "policy"
+    sync = _sync(tmp_path, [fake.url])
+    assert sync.server_version() == 0 and sync.served_models(0) == {"expert": "policy", "cs": "policy"}
     for v in (1, 2):
-        res = pub.publish(v, adapter_dir=_adapter(tmp_path / f"a{v}"))
-        assert res.path == tmp_path / "w" / f"lora-v{v}" and res.served_model == "policy-lora"
-        load = [c for c in fake.calls if c["path"] == "/v1/load_lora_adapter"][-1]
-        assert load["body"] == {"lora_name": "policy-lora", "lora_path": str(res.path), "load_inplace": True}
-        assert pub.server_version() == v
-    fake.lora.clear()  # restart: adapter gone
-    assert pub.server_version() == 0
-    assert pub.refit(fake.url) is True and pub.server_version() == 2
+        res = sync.publish(v, {"expert": _adapter(tmp_path / f"e{v}"), "cs": _adapter(tmp_path / f"c{v}")})
+        loads = [c["body"] for c in fake.calls if c["path"] == "/v1/load_lora_adapter"][-2:]
+        assert loads == [{"lora_name": a, "lora_path": res.paths[a], "load_inplace": True} for a in ("expert", "cs")]
+        assert res.paths["cs"] == str(tmp_path / "w" / "cs" / f"lora-v{v}")
+        assert sync.server_version() == v
+
+
+def test_restarted_server_is_stale_until_refit(tmp_path, fake) -> None:
+    sync = _sync(tmp_path, [fake.url])
+    sync.publish(1, {"expert": _writer(), "cs": _writer()})
+    sync.publish(2, {"expert": _writer(), "cs": _writer()})
+    fake.lora.clear()  # restart: adapters gone
+    assert sync.server_version() == 0
+    other = _sync(tmp_path, [fake.url])  # the controller: same layout, its own instance
+    fake.calls.clear()
+    assert other.refit(fake.url) == 2
+    assert {c["body"]["lora_path"] for c in fake.calls if c["method"] == "POST"} == {
+        str(tmp_path / "w" / a / "lora-v2") for a in ("expert", "cs")
+    }
+    fake.calls.clear()
+    assert other.refit(fake.url) == 2  # already current: only queries
+    assert {c["method"] for c in fake.calls} == {"GET"}
+    fake.lora["cs"] = "/elsewhere/lora-v1"  # a server that will not take the adapter reads as stale
+    fake.fail.add("/v1/load_lora_adapter")
+    with pytest.raises(WeightPushError):
+        other.refit(fake.url)
 
 
 def test_lora_rejects_incomplete_adapter_dir(tmp_path, fake) -> None:
-    pub = WeightPublisher(LoRATransport(), tmp_path / "w", [fake.url])
+    sync = _sync(tmp_path, [fake.url])
     (tmp_path / "a").mkdir()
     with pytest.raises(WeightPushError, match="adapter_config.json"):
-        pub.publish(1, adapter_dir=tmp_path / "a")
-    assert fake.calls == [] and _visible(tmp_path / "w") == []
+        sync.publish(1, {"expert": tmp_path / "a", "cs": tmp_path / "a"})
+    assert fake.calls == [] and _visible(tmp_path / "w" / "expert") == []
+
+
+# ---------------------------------------------------------------- served versions (workers)
+
+
+@dataclass
+class Ann:
+    version: int
+    served_models: dict
+
+
+def test_served_reads_the_server_once_then_follows_announcements(tmp_path, fake) -> None:
+    """The worker's question "which model and version?" costs one server read per process, none per request."""
+    fake.lora["expert"] = "/r/lora-v3"
+    fake.lora["cs"] = "/r/lora-v3"
+    sync = _sync(tmp_path, [fake.url])
+    assert sync.served("expert") == ("expert", 3)
+    for _ in range(50):  # 50 requests' worth of lookups
+        sync.served("cs")
+    assert fake.paths() == ["/v1/models"] and sync.server_reads == 1
+    sync.observe(Ann(4, {"expert": "expert", "cs": "cs"}))
+    assert sync.served("cs") == ("cs", 4)
+    sync.observe(Ann(2, {"expert": "old", "cs": "old"}))  # a late, older announcement never moves it back
+    assert sync.served("expert") == ("expert", 4)
+    assert fake.paths() == ["/v1/models"]
+
+
+def test_announcement_after_publish_is_what_workers_observe(tmp_path, fake) -> None:
+    from gopo_online.stream import WeightsAnnouncement
+
+    learner = _sync(tmp_path, [fake.url])
+    worker = _sync(tmp_path / "elsewhere", [fake.url])
+    worker.observe(Ann(0, {}))
+    learner.publish(1, {"expert": _writer(), "cs": _writer()})
+    ann = WeightsAnnouncement(**learner.announcement(1), announced_at=0.0)  # what the learner sends
+    fake.calls.clear()
+    worker.observe(ann)
+    assert worker.served("expert") == ("expert", 1) and fake.calls == []
 
 
 # ---------------------------------------------------------------- admin safety, config
 
 
-def test_non_loopback_needs_token_and_token_is_sent(tmp_path, fake, base_model) -> None:
+def test_non_loopback_needs_token_and_token_is_sent(tmp_path, fake) -> None:
     with pytest.raises(WeightPushError, match="non-loopback"):
         AdminClient("http://10.1.2.3:8000")
     with pytest.raises(WeightPushError, match="non-loopback"):
-        WeightPublisher(LoRATransport(), tmp_path / "w", ["http://example.org:8000/v1"])
+        _sync(tmp_path, ["http://example.org:8000/v1"])
     AdminClient("http://10.1.2.3:8000", token="t").close()  # allowed with a token
-    pub = WeightPublisher(FullReloadTransport(base_model), tmp_path / "w", [fake.url], token="s3cret")
-    pub.publish(1, state_dict=_sd())
+    sync = _sync(tmp_path, [fake.url], token="s3cret")
+    sync.publish(1, {"expert": _writer(), "cs": _writer()})
     assert {c["auth"] for c in fake.calls} == {"Bearer s3cret"}
 
 
-def test_from_config_reads_transport_and_token(tmp_path, fake, monkeypatch) -> None:
-    from gopo_online.config import ServingConfig
+def test_from_config_layout_transport_and_token(tmp_path, fake, monkeypatch) -> None:
+    from gopo_online.config import load_config
+    from gopo_online.serving.weights import LoRATransport
 
     monkeypatch.setenv("MY_ADMIN_TOKEN", "tok")
-    pub = WeightPublisher.from_config(
-        ServingConfig(weight_transport="lora", admin_token_env="MY_ADMIN_TOKEN"),
-        weights_root=tmp_path / "w",
-        servers=[fake.url],
+    cfg = load_config(
+        overrides=[
+            f"run.output_dir='{tmp_path}'",
+            "serving.admin_token_env='MY_ADMIN_TOKEN'",
+            f"serving.policy.url='{fake.url}'",
+        ]
     )
-    assert isinstance(pub.transport, LoRATransport) and pub.token == "tok"
+    sync = WeightSync.from_config(cfg)
+    assert sync.root == cfg.run.run_dir / "weights" and sync.servers == [fake.url] and sync.token == "tok"
+    assert all(isinstance(t, LoRATransport) for t in sync.transports.values()) and sync.agents == ("expert", "cs")
+    assert sync.path("cs", 7) == cfg.run.run_dir / "weights" / "cs" / "lora-v7"
 
 
-def test_nccl_is_a_documented_stub() -> None:
-    with pytest.raises(NotImplementedError, match="CUDA GPU"):
-        NCCLTransport()
-    with pytest.raises(NotImplementedError):
-        make_transport("nccl")
+@pytest.mark.parametrize("kind", ["full", "nccl"])
+def test_config_rejects_a_transport_the_loop_cannot_run(kind) -> None:
+    from gopo_online.config import load_config
+
+    with pytest.raises(Exception, match="weight_transport") as e:
+        load_config(overrides=[f"serving.weight_transport='{kind}'", "serving.simulator='separate'"])
+    if kind == "full":
+        assert "cannot run in the training loop" in str(e.value)

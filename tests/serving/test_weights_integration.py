@@ -12,17 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gopo_online.serving.weights import (
-    FullReloadTransport,
-    LoRATransport,
-    StaleServerError,
-    WeightPublisher,
-    _probe,
-    ensure_current,
-    make_random_lora_adapter,
-    require_current,
-    server_version,
-)
+from gopo_online.bench_weights import full_weights_writer, make_random_lora_adapter, probe, single_sync
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -65,38 +55,38 @@ def test_full_reload_changes_greedy_output_and_version(full_server, model_dir, t
     from safetensors.torch import load_file
 
     base = load_file(str(model_dir / "model.safetensors"))
-    t = FullReloadTransport(model_dir)
-    pub = WeightPublisher(t, tmp_path / "weights", [full_server.root_url])
-    assert pub.server_version() == 0
-    out0 = _probe(full_server.base_url, "policy")
+    sync = single_sync("full", tmp_path / "weights", [full_server.root_url])
+    assert sync.server_version() == 0
+    out0 = probe(full_server.base_url, "policy")
+
+    def src(sd, v):
+        return {"policy": full_weights_writer(sd, model_dir, v)}
 
     # v1: the final RMSNorm weight negated flips the sign of every logit, so greedy picks the former argmin.
     v1 = dict(base)
     v1["model.norm.weight"] = -base["model.norm.weight"]
-    r1 = pub.publish(1, state_dict=v1)
-    out1 = _probe(full_server.base_url, pub.served_model(1))
+    r1 = sync.publish(1, src(v1, 1))
+    out1 = probe(full_server.base_url, r1.served_models["policy"])
     assert out1["token_ids"][0] != out0["token_ids"][0], (out0, out1)
-    assert server_version(full_server.root_url, "full") == 1 == pub.registry.current_version()
+    assert sync.server_version() == 1 == sync.current_version()
 
     # v2: the original weights again: the served output must come back token for token.
-    r2 = pub.publish(2, state_dict=base)
-    out2 = _probe(full_server.base_url, pub.served_model(2))
+    r2 = sync.publish(2, src(base, 2))
+    out2 = probe(full_server.base_url, r2.served_models["policy"])
     assert out2["token_ids"] == out0["token_ids"]
-    assert server_version(full_server.root_url, "full") == 2 == pub.registry.current_version()
+    assert sync.server_version() == 2 == sync.current_version()
     print(f"\n[full] push {r1.push_s:.3f} / {r2.push_s:.3f} s, write {r1.write_s:.3f} / {r2.write_s:.3f} s")
 
     # Restart: the engine forgets its version and serves base weights until refit. Refit to v1 (a version
     # whose output differs from the base) so the check sees the refit land.
-    pub.publish(3, state_dict=v1)
+    sync.publish(3, src(v1, 3))
     full_server.stop()
     full_server.start()
-    assert server_version(full_server.root_url, "full") == 0
-    with pytest.raises(StaleServerError):
-        require_current(full_server.root_url, pub.registry, t)
-    assert _probe(full_server.base_url, "policy")["token_ids"] == out0["token_ids"]
-    assert ensure_current(full_server.root_url, pub.registry, t) is True
-    assert require_current(full_server.root_url, pub.registry, t) == 3
-    assert _probe(full_server.base_url, "policy")["token_ids"] == out1["token_ids"]
+    assert sync.server_version() == 0
+    assert probe(full_server.base_url, "policy")["token_ids"] == out0["token_ids"]
+    assert sync.refit(full_server.root_url) == 3
+    assert sync.server_version() == 3
+    assert probe(full_server.base_url, "policy")["token_ids"] == out1["token_ids"]
 
 
 @pytest.mark.xfail(
@@ -108,24 +98,24 @@ def test_full_reload_refreshes_tied_lm_head(full_server, model_dir, tmp_path) ->
     from safetensors.torch import load_file
 
     base = load_file(str(model_dir / "model.safetensors"))
-    pub = WeightPublisher(FullReloadTransport(model_dir), tmp_path / "weights", [full_server.root_url])
-    pub.publish(1, state_dict=base)
-    out0 = _probe(full_server.base_url, "policy")
+    sync = single_sync("full", tmp_path / "weights", [full_server.root_url])
+    sync.publish(1, {"policy": full_weights_writer(base, model_dir, 1)})
+    out0 = probe(full_server.base_url, "policy")
     tok = out0["token_ids"][0]
     sd = dict(base)
     emb = base["model.embed_tokens.weight"].clone()
     emb[tok] = -emb[tok]  # tied: the greedy token's logit flips sign, so greedy must choose another token
     sd["model.embed_tokens.weight"] = emb
-    pub.publish(2, state_dict=sd)
-    assert _probe(full_server.base_url, "policy")["token_ids"][0] != tok
+    sync.publish(2, {"policy": full_weights_writer(sd, model_dir, 2)})
+    assert probe(full_server.base_url, "policy")["token_ids"][0] != tok
 
 
 def test_lora_hot_load_in_place_changes_output_and_version(lora_server, model_dir, tmp_path) -> None:
     import httpx
 
-    t = LoRATransport()
-    pub = WeightPublisher(t, tmp_path / "weights", [lora_server.root_url])
-    assert pub.server_version() == 0
+    sync = single_sync("lora", tmp_path / "weights", [lora_server.root_url])
+    t = sync.transports["policy"]
+    assert sync.server_version() == 0
     # Before any push the policy adapter does not exist: the server refuses policy requests.
     r = httpx.post(
         f"{lora_server.base_url}/completions",
@@ -134,19 +124,19 @@ def test_lora_hot_load_in_place_changes_output_and_version(lora_server, model_di
     )
     assert r.status_code == 404
 
-    base = _probe(lora_server.base_url, "policy")
+    base = probe(lora_server.base_url, "policy")
     outs, pushes = [], []
     for version in (1, 2):
         adapter = make_random_lora_adapter(model_dir, tmp_path / f"adapter{version}", rank=8, seed=version)
-        res = pub.publish(version, adapter_dir=adapter)
+        res = sync.publish(version, {"policy": adapter})
         pushes.append(res)
-        assert res.served_model == "policy-lora"
-        assert server_version(lora_server.root_url, "lora") == version
-        outs.append(_probe(lora_server.base_url, res.served_model))
+        assert res.served_models == {"policy": "policy-lora"}
+        assert sync.server_version() == version
+        outs.append(probe(lora_server.base_url, res.served_models["policy"]))
     print(f"\n[lora] push {[f'{r.push_s:.3f}' for r in pushes]} s, write {[f'{r.write_s:.3f}' for r in pushes]} s")
     assert outs[0]["token_ids"] != base["token_ids"]
     # v2 replaced v1 in place under the same name: a different adapter gives different logprobs.
     assert outs[1]["logprobs"] != outs[0]["logprobs"]
     # The base model is untouched by the adapter.
-    assert _probe(lora_server.base_url, "policy")["token_ids"] == base["token_ids"]
+    assert probe(lora_server.base_url, "policy")["token_ids"] == base["token_ids"]
     assert statistics.median(r.push_s for r in pushes) < 30

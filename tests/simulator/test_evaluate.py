@@ -45,40 +45,29 @@ def _adapter(d: Path, rank: int = 8) -> Path:
     return d
 
 
-def _export(run: Path, version: int, finetune: str = "lora") -> Path:
-    """The learner's export layout: weights/v{N:06d}/{expert,cs}/ + version.json."""
-    v = run / "weights" / f"v{version:06d}"
-    for a in ("expert", "cs"):
-        _adapter(v / a)
-    (v / "version.json").write_text(json.dumps({"version": version, "finetune": finetune}))
-    return v
+def _export(run: Path, version: int, agents: tuple[str, ...] = ("expert", "cs")) -> Path:
+    """The layout WeightSync writes: weights/<agent>/lora-v<N>/ (a PEFT adapter folder each)."""
+    for a in agents:
+        _adapter(run / "weights" / a / f"lora-v{version}")
+    return run / "weights"
 
 
-def test_latest_export_is_picked_and_a_version_can_be_asked_for(tmp_path):
+def test_latest_version_is_picked_and_a_version_can_be_asked_for(tmp_path):
     run = tmp_path / "r1"
     _export(run, 0)
     _export(run, 3)
     _export(run, 12)
     v, dirs = run_adapters(run)
-    assert v == 12 and dirs == {a: run / "weights" / "v000012" / a for a in ("expert", "cs")}
+    assert v == 12 and dirs == {a: run / "weights" / a / "lora-v12" for a in ("expert", "cs")}
     assert run_adapters(run, 3)[0] == 3
 
 
-def test_half_written_export_is_ignored(tmp_path):
+def test_half_written_or_one_agent_versions_are_ignored(tmp_path):
     run = tmp_path / "r"
     _export(run, 2)
-    half = run / "weights" / "v000004"
-    _adapter(half / "expert")  # renamed into place only when complete, so no version.json: not a version
+    _export(run, 6, agents=("expert",))  # cs of v6 missing: v6 is not complete
+    _adapter(run / "weights" / "cs" / ".lora-v6.tmp-abc")  # a write in progress (WeightSync's temp folder)
     assert run_adapters(run)[0] == 2
-
-
-def test_served_copies_are_the_fallback(tmp_path):
-    run = tmp_path / "r"
-    for a in ("expert", "cs"):
-        _adapter(run / "weights" / "serving" / a / "lora-v5")
-    _adapter(run / "weights" / "serving" / "expert" / "lora-v6")  # cs of v6 missing: v6 is not complete
-    v, dirs = run_adapters(run)
-    assert v == 5 and dirs["cs"] == run / "weights" / "serving" / "cs" / "lora-v5"
 
 
 @pytest.mark.parametrize(
@@ -87,11 +76,11 @@ def test_served_copies_are_the_fallback(tmp_path):
         (lambda r: None, None, "does not exist"),
         (lambda r: r.mkdir(), None, "no trained adapters"),
         (lambda r: _export(r, 1), 7, r"no adapters of version 7; available: \[1\]"),
-        (lambda r: _export(r, 1, finetune="full"), None, "finetune='full'"),
-        (lambda r: (_export(r, 1) / "version.json").write_text("{nope"), None, "unreadable"),
-        (lambda r: (_export(r, 1), (r / "weights/v000001/cs/adapter_model.safetensors").unlink()), None, "complete"),
+        (lambda r: (_export(r, 1), (r / "weights/cs/lora-v1/adapter_model.safetensors").unlink()), None, "complete"),
+        (lambda r: (_export(r, 1), (r / "weights/cs/lora-v1/adapter_model.safetensors").write_bytes(b"x")), None,
+         "complete"),
     ],
-)
+)  # fmt: skip
 def test_bad_run_folders_are_named(tmp_path, setup, version, match):
     run = tmp_path / "run"
     setup(run)

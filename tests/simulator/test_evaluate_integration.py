@@ -62,7 +62,7 @@ def test_eval_against_base_is_paired_and_reported(trained_run, tmp_path):
     from simulator.evaluate import METRICS, main
 
     cfg, run_dir = trained_run
-    assert (run_dir / "weights" / "v000001" / "expert" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "weights" / "expert" / "lora-v1" / "adapter_model.safetensors").is_file()
     out = tmp_path / "eval"
     report = main(cfg, run=run_dir, against="base", n_personas=2, seed=3, out=out, concurrency=4, max_turns=1,
                   resamples=200)  # fmt: skip

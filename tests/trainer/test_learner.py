@@ -141,4 +141,7 @@ def test_main_loop_with_injected_parts(tok, tmp_path):
     assert published == [0, 1] and announced == [(0, ["cs", "expert"]), (1, ["cs", "expert"])]
     run_dir = cfg.run.run_dir
     assert (run_dir / "learner_metrics.jsonl").read_text().count("\n") == 1
+    from gopo_online.trajectory_store import read_records
+
+    assert [(r["episode_id"], r["outcome"]) for r in read_records(run_dir)] == [("ep0", "trained")]
     assert (run_dir / "checkpoints" / "latest").read_text() == "step-00000001"  # written on the way out

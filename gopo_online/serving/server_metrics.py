@@ -1,0 +1,68 @@
+"""A vLLM server's own generation throughput, read from its Prometheus endpoint (``GET /metrics``).
+
+vLLM counts every generated token in the counter ``vllm:generation_tokens_total`` (one series per model/engine
+label set; summed here). Tokens per second is the counter's increase between two samples over the time between
+them, so the dashboard shows what the server produced in the first minutes of a run, before any episode
+finished and before the per-episode token counts arrive.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from gopo_online.events import Key
+
+GENERATION_TOKENS = "vllm:generation_tokens_total"
+
+
+def parse_counter(text: str, name: str = GENERATION_TOKENS) -> float | None:
+    """The sum of a counter's series in Prometheus text exposition format; None when the counter is absent."""
+    total, seen = 0.0, False
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        rest = line[len(name) :]
+        if rest[:1] not in ("{", " "):
+            continue  # a longer metric name with the same prefix (e.g. …_total_created)
+        try:
+            total += float(rest.rsplit(None, 1)[-1] if rest.startswith(" ") else rest.split("}", 1)[1].split()[0])
+        except (IndexError, ValueError):
+            continue
+        seen = True
+    return total if seen else None
+
+
+class ServerThroughput:
+    """Samples a server's generated-token counter; `metrics()` gives ``sys/server_tokens_per_s`` once two samples
+    exist (an empty dict before, or when the server does not answer: monitoring never fails the run)."""
+
+    def __init__(self, root_url: str, *, timeout_s: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.url = root_url.rstrip("/").removesuffix("/v1") + "/metrics"
+        self.timeout_s = timeout_s
+        self.clock = clock
+        self._last: tuple[float, float] | None = None
+
+    def read(self) -> float | None:
+        import httpx
+
+        try:
+            r = httpx.get(self.url, timeout=self.timeout_s)
+            r.raise_for_status()
+        except httpx.HTTPError:
+            return None
+        return parse_counter(r.text)
+
+    def sample(self) -> float | None:
+        """Tokens per second since the previous sample (None on the first one or when a read fails)."""
+        count, now = self.read(), self.clock()
+        if count is None:
+            return None
+        last, self._last = self._last, (now, count)
+        if last is None or now <= last[0] or count < last[1]:  # first sample, or the server restarted
+            return None
+        return (count - last[1]) / (now - last[0])
+
+    def metrics(self) -> dict[str, float]:
+        rate = self.sample()
+        return {} if rate is None else {Key.SERVER_TOKENS_PER_S: rate}
