@@ -8,7 +8,7 @@ never rewrite a value.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -81,6 +81,11 @@ class UserTurnMeta(Record):
     stop: bool
     completed_tasks: tuple[str, ...] = ()
     """Scenario TSE task ids the simulator says were completed by the agent's previous reply."""
+    source: Literal["llm", "template"] = "llm"
+    """Who wrote this turn: "llm" = the model (the whole turn in simulator.mode "llm", only the words in "agenda");
+    "template" = the agenda user model's template words (the model's text was unusable or rewriting is off)."""
+    state: dict[str, Any] | None = None
+    """The agenda user model's state after the agent turn this message reacts to (simulator.mode "agenda")."""
 
 
 class ConstraintCheck(Record):
@@ -211,6 +216,16 @@ class Trajectory(Record):
     started_at: float = 0.0
     """Unix time the episode started."""
     duration_s: float = Field(default=0.0, ge=0.0)
+    sim_flags: tuple[str, ...] = ()
+    """Simulator quality-gate failures that stayed in the dialogue after one regeneration, as "turn N: issue"
+    (speaks_as_agent, repeats_turn, breaks_disclosure, contradicts_state). Non-empty = `sim_flagged`: a learner
+    should exclude the episode."""
+    sim_regenerated: int = Field(default=0, ge=0)
+    """User turns regenerated once because a quality gate failed."""
+
+    @property
+    def sim_flagged(self) -> bool:
+        return bool(self.sim_flags)
 
     @model_validator(mode="after")
     def _invariants(self) -> Trajectory:

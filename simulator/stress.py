@@ -31,10 +31,10 @@ from gopo_online.config import GopoConfig, dump_config
 from gopo_online.metrics import tse
 from gopo_online.types import Trajectory
 from simulator.episode import OpenAIChatAgent, play_episode
-from simulator.personas import Persona, load_personas, sample_personas
+from simulator.personas import Persona, fitting_personas, load_personas, sample_personas, scenario_for
 from simulator.scenarios import TASK_IDS, ScenarioInstance, detect_task, sample_instance
 from simulator.serving_adapters import judge_or_none, two_agent_factory
-from simulator.user import UserSimulator
+from simulator.user import make_user_simulator
 
 METRIC_KEYS = (
     "episodes",
@@ -251,13 +251,13 @@ def run_stress(
 
     console = console or Console()
     out.mkdir(parents=True, exist_ok=True)
-    user_sim = UserSimulator.from_config(cfg.simulator, sim_client, sim_model, structured=sim_structured)
+    user_sim = make_user_simulator(cfg, sim_client, sim_model, structured=sim_structured)
     if max_turns:
         user_sim.max_turns = max_turns
     jobs = []
     for i, p in enumerate(personas):
-        fam = cfg.simulator.scenarios[i % len(cfg.simulator.scenarios)]
-        inst = sample_instance(fam, seed=seed * 100_000 + i, demand=p.extrinsic_demand)
+        fam, case_type = scenario_for(p, cfg.simulator.scenarios, i)  # persona <-> scenario fit
+        inst = sample_instance(fam, seed=seed * 100_000 + i, demand=p.extrinsic_demand, case_type=case_type)
         jobs.append((f"stress-{seed}-{i:04d}", p, inst, seed * 100_000 + i))
     by_ep_persona = {ep: p for ep, p, _, _ in jobs}
     by_ep_instance = {ep: inst for ep, _, inst, _ in jobs}
@@ -339,7 +339,9 @@ def main(
     from gopo_online.serving.client import ChatClient, client_from_config
 
     out = Path(out) if out is not None else cfg.run.run_dir / "stress"
-    bank = load_personas(cfg.simulator.persona_file, split=cfg.simulator.split)
+    bank = fitting_personas(
+        load_personas(cfg.simulator.persona_file, split=cfg.simulator.split), cfg.simulator.scenarios
+    )
     personas = sample_personas(bank, n_personas, hard_fraction=cfg.simulator.hard_fraction, seed=seed)
     with contextlib.ExitStack() as stack:
         policy_url: str | None = None
