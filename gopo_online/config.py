@@ -156,7 +156,7 @@ class SimulatorConfig(Section):
     max_tokens: int = Field(default=320, ge=16)
     """Completion budget of one simulator turn. mode "llm": the utterance regex is bounded so that utterance + the
     metadata JSON (up to 200 tokens) always fit, so "llm" needs >= 216; mode "agenda": bounds the utterance too."""
-    utterance_chars: int = Field(default=160, ge=16)
+    utterance_chars: int = Field(default=240, ge=16)
     """mode "agenda": at most this many characters (<= tokens) in the LLM-worded utterance (also <= max_tokens)."""
     agenda_rewrite: bool = True
     """mode "agenda": let the LLM reword the template utterance (False: the template words are used, no LLM call)."""

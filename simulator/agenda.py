@@ -52,7 +52,8 @@ from simulator.scenarios import TASK_IDS, ScenarioInstance, detect_task, sop_vio
 ASKS_NEEDED = {"proactive": 0, "forthcoming": 1, "selective": 1, "reluctant": 2, "withholding": 2}
 """How many times the agent must ask for a withheld fact before the user gives it (0 = volunteered up front)."""
 PATIENCE = {"calm": 4, "composed": 4, "sensitive": 3, "irritable": 2, "volatile": 2}
-"""Agent turns without progress a user sits through before giving up (plus a cooperation bonus, see below)."""
+"""Agent turns without progress a user sits through before demanding a supervisor (+ a cooperation bonus); from then
+on the user stops only when the agent escalates (unresolved)."""
 OFFERS_REJECTED_FIRST = {
     "collaborative": 0,
     "accommodating": 0,
@@ -268,6 +269,10 @@ def observe(
         delta = min(delta, 0)
     elif _is_offer(action) and not met:
         state.last_offer = action
+    if state.gave_up and action == "escalate" and not met:
+        state.stop = True  # handed to a supervisor: the user leaves, unresolved
+        state.satisfaction = min(state.satisfaction, 2)
+        return
     if met:
         state.goal_met = True
         state.resolved_by = action
@@ -276,8 +281,7 @@ def observe(
         return
     state.satisfaction = min(max(state.satisfaction + delta, 1), 5)
     if state.no_progress > pol.patience or (rude and pol.volatile and state.satisfaction == 1):
-        state.gave_up = True
-        state.stop = True
+        state.gave_up = True  # out of patience: asks for a supervisor from now on (stops once escalated)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -395,8 +399,12 @@ def plan_turn(persona: Persona, instance: ScenarioInstance, state: AgendaState, 
         pieces.append({"accept_offer": "Okay, that works for me.", "thank": "Thanks, that answers it."}[intent])
         pieces.append("Thank you for your help.")
         return Plan(intent, tuple(pieces), (), (), ())
+    if state.stop:  # escalated after running out of patience
+        return Plan("complain", ("Fine, let the supervisor call me.", "I am not happy with this."), (), (), ())
     if state.gave_up:
-        return Plan("complain", ("This is not going anywhere.", "I will take it elsewhere."), (), (), ())
+        lines = ("This is not going anywhere. Get me a supervisor.", "I want to talk to a supervisor now.",
+                 "I asked for a supervisor. Please escalate this.")  # fmt: skip
+        return Plan("complain", (lines[turn % len(lines)],), (), (), ())
 
     intent = ""
     for fact in state.pending:
@@ -583,8 +591,8 @@ class AgendaUserSimulator:
         model: str,
         *,
         temperature: float = 0.7,
-        max_tokens: int = 160,
-        utterance_chars: int = 160,
+        max_tokens: int = 320,
+        utterance_chars: int = 240,
         max_turns: int = 6,
         rewrite: bool = True,
     ) -> None:
@@ -643,7 +651,7 @@ class AgendaUserSimulator:
         eseed = episode_seed if episode_seed is not None else (seed or 0)
         state, plans = replay(persona, instance, history, actions, eseed)
         plan = plan_turn(persona, instance, state, turn)
-        template = template_utterance(persona, plan, turn)[: self.max_chars]
+        template = template_utterance(persona, plan, turn)  # our own words: not bound by the LLM regex
         earlier = [text for role, text in history if role == "user"]
         allowed = [v for v in plan.required if _ORDER_ID.fullmatch(v)]
         if "order_id" in state.disclosed:
@@ -664,6 +672,8 @@ class AgendaUserSimulator:
                 issues.append("drops_facts")
             if len(_words(text)) < 3:
                 issues.append("too_short")
+            if len(text) > self.max_chars:  # an endpoint that ignores the regex (non-vLLM)
+                issues.append("too_long")
             return issues
 
         utterance, source, raws, rejected = template, "template", [], []
@@ -688,7 +698,7 @@ class AgendaUserSimulator:
                     utterance, source = text, "llm"
                     break
                 rejected.append(",".join(issues))
-        final_issues = [i for i in gates(utterance) if i not in ("drops_facts", "too_short")]
+        final_issues = [i for i in gates(utterance) if i not in ("drops_facts", "too_short", "too_long")]
         meta_state = {
             **{k: v for k, v in state.as_dict().items() if k not in ("new_tasks",)},
             "plan_intent": plan.intent,

@@ -51,6 +51,9 @@ METRIC_KEYS = (
     "compliance",
     "bleu",
     "tse_agreement",
+    "sim_flagged",
+    "sim_regenerated",
+    "sim_template_turns",
 )
 
 
@@ -115,6 +118,10 @@ def group_metrics(
         "compliance": _mean([u.compliance.score for u in turns]),
         "bleu": _bleu(ok, instances),
         "tse_agreement": _agreement(ok, instances),
+        # simulator quality gates: episodes a learner should exclude, user turns regenerated / worded by template
+        "sim_flagged": sum(t.sim_flagged for t in trajs),
+        "sim_regenerated": sum(t.sim_regenerated for t in trajs),
+        "sim_template_turns": sum(u.user_meta.source == "template" for t in ok for u in t.turns),
     }
 
 
