@@ -595,6 +595,7 @@ class AgendaUserSimulator:
         utterance_chars: int = 240,
         max_turns: int = 6,
         rewrite: bool = True,
+        regex: bool = True,
     ) -> None:
         self.client = client
         self.model = model
@@ -608,9 +609,12 @@ class AgendaUserSimulator:
             )
         self.max_turns = max_turns
         self.rewrite = rewrite and client is not None
+        self.regex = regex
+        """vLLM: the length-bounding regex rides along; other endpoints know no regex (a text over the bound is
+        rejected by the `too_long` gate instead)."""
 
     @classmethod
-    def from_config(cls, sim_cfg: Any, client: Any, model: str) -> AgendaUserSimulator:
+    def from_config(cls, sim_cfg: Any, client: Any, model: str, *, regex: bool = True) -> AgendaUserSimulator:
         return cls(
             client,
             model,
@@ -619,6 +623,7 @@ class AgendaUserSimulator:
             utterance_chars=sim_cfg.utterance_chars,
             max_turns=sim_cfg.max_turns,
             rewrite=sim_cfg.agenda_rewrite,
+            regex=regex,
         )
 
     def messages(self, persona: Persona, instance: ScenarioInstance, template: str) -> list[dict[str, str]]:
@@ -686,7 +691,7 @@ class AgendaUserSimulator:
                         temperature=self.temperature,
                         max_tokens=self.max_tokens,
                         seed=None if seed is None else seed + 7919 * attempt,
-                        structured={"regex": utterance_regex(self.max_chars)},
+                        structured={"regex": utterance_regex(self.max_chars)} if self.regex else None,
                     )
                 except Exception as e:  # noqa: BLE001 - the endpoint failing is a typed error turn
                     return UserTurnError(stage="request", error=f"{type(e).__name__}: {e}", raw_outputs=tuple(raws),

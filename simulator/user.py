@@ -377,5 +377,5 @@ def make_user_simulator(
     if simulator_mode(cfg) == "agenda":
         from simulator.agenda import AgendaUserSimulator
 
-        return AgendaUserSimulator.from_config(cfg.simulator, client, model)
+        return AgendaUserSimulator.from_config(cfg.simulator, client, model, regex=structured == "regex")
     return UserSimulator.from_config(cfg.simulator, client, model, structured=structured)

@@ -235,3 +235,11 @@ def test_agenda_episode_state_is_recorded_and_replayable(food):
     st, _ = replay(p, food, hist[:4], [t.cs_action for t in tr.turns][:2], 9)
     assert tr.turns[2].user_meta.state["satisfaction"] == st.satisfaction
     assert tr.turns[2].user_meta.satisfaction == st.satisfaction
+
+
+def test_non_vllm_endpoint_gets_no_regex_and_long_text_is_rejected(food):
+    client = EchoClient(text="I want my money back now. " * 20)
+    sim = make_user_simulator(CFG, client, "m", structured="json")
+    res = _respond(sim, persona(), food)
+    assert client.calls[0]["structured"] is None
+    assert res.meta.source == "template" and "too_long" in res.meta.state["llm_rejected"][0]
