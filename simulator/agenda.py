@@ -489,9 +489,12 @@ def template_utterance(persona: Persona, plan: Plan, turn: int) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 
 _AGENT_SPEAK = re.compile(
-    r"(how (can|may) i (help|assist)|welcome to|customer (service|support) (team|system|desk)|thank you for "
-    r"contacting|is there anything else|i('d| would) be (happy|glad) to help|our policy|we apologi[sz]e|"
-    r"as (an|your) (agent|assistant)|i can offer you|let me check (that|this) for you)",
+    r"(how (can|may) i (help|assist)|assist you|welcome to|customer (service|support) (team|system|desk)|"
+    r"thank you for (contacting|reaching|your patience)|is there anything else|"
+    r"(glad|happy|here) to (help|assist)|i('d| would) be (happy|glad)|our (policy|team|store|restaurant)|"
+    r"we apologi[sz]e|we('re| are) sorry|as (an|your) (agent|assistant)|i can offer you|"
+    r"let me (check|look into|help)|(do not|don't) hesitate|if you have any (other |more )?questions|"
+    r"feel free to|your (order|refund|voucher) (has been|is being|will be))",
     re.I,
 )
 _CLAIM_ISSUED = {
@@ -504,6 +507,14 @@ _ORDER_ID = re.compile(r"\b[A-Z]?\d{6}\b")
 
 def _words(s: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", s.lower())
+
+
+def off_plan(text: str, template: str) -> bool:
+    """The LLM's words drifted from what this turn says: fewer than half of the template's content words (4+
+    letters, numbers) kept, or more than twice its length (a small model rambling on, e.g. as the agent)."""
+    content = {w for w in _words(template) if len(w) >= 4 or w.isdigit()}
+    kept = content & set(_words(text))
+    return (bool(content) and len(kept) < len(content) / 2) or len(text) > 2 * len(template) + 40
 
 
 def quality_issues(
@@ -679,6 +690,8 @@ class AgendaUserSimulator:
                 issues.append("too_short")
             if len(text) > self.max_chars:  # an endpoint that ignores the regex (non-vLLM)
                 issues.append("too_long")
+            if off_plan(text, template):
+                issues.append("off_plan")
             return issues
 
         utterance, source, raws, rejected = template, "template", [], []
@@ -703,7 +716,7 @@ class AgendaUserSimulator:
                     utterance, source = text, "llm"
                     break
                 rejected.append(",".join(issues))
-        final_issues = [i for i in gates(utterance) if i not in ("drops_facts", "too_short", "too_long")]
+        final_issues = [i for i in gates(utterance) if i not in ("drops_facts", "too_short", "too_long", "off_plan")]
         meta_state = {
             **{k: v for k, v in state.as_dict().items() if k not in ("new_tasks",)},
             "plan_intent": plan.intent,

@@ -243,3 +243,20 @@ def test_non_vllm_endpoint_gets_no_regex_and_long_text_is_rejected(food):
     res = _respond(sim, persona(), food)
     assert client.calls[0]["structured"] is None
     assert res.meta.source == "template" and "too_long" in res.meta.state["llm_rejected"][0]
+
+
+def test_recorded_small_model_rewrites_are_rejected(food):
+    """Rewrites SmolLM2-135M wrote in a real stress run (agent talk, rambling) must not become user turns."""
+    from simulator.agenda import off_plan
+
+    template = "Okay. I think a voucher would be fair for this."
+    recorded = (
+        "I'm sorry for the trouble, I'm glad to assist you. I'm here to help in any way I can. If you have any "
+        "questions or need more assistance, please do not hesitate to ask."
+    )
+    kw = dict(instance=food, earlier_user=[], issued=())
+    assert quality_issues(recorded, **kw) == ["speaks_as_agent"]
+    assert (
+        off_plan(recorded, template) and off_plan("An", template) and off_plan("The weather is nice today.", template)
+    )
+    assert not off_plan("Okay, I think a voucher would be fair here.", template)
