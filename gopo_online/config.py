@@ -161,7 +161,7 @@ class SimulatorConfig(Section):
     agenda_rewrite: bool = True
     """mode "agenda": let the LLM reword the template utterance (False: the template words are used, no LLM call)."""
     json_retries: int = Field(default=2, ge=0)
-    """Re-asks after an unrepairable metadata JSON before the turn becomes an explicit error."""
+    """mode "llm": re-asks after an unrepairable metadata JSON before the turn becomes an explicit error."""
     hard_fraction: float = Field(default=0.5, ge=0, le=1)
     """Share of low-cooperation (levels 1-2) personas in the mix (InteractCS hard/easy)."""
 

@@ -1,5 +1,9 @@
 """LLM user simulator (InteractCS §4.1.2, eq 3): role-play conditioned on persona, scenario, hidden goal and history.
 
+This is `simulator.mode = "llm"`, for capable models; the default on the CPU model is the agenda user model of
+simulator/agenda.py (`make_user_simulator` picks one, docs/simulator.md). The regex bounds the utterance so that the
+whole JSON turn fits `max_tokens` (`utterance_budget`): a turn cut at max_tokens cannot close its JSON.
+
 Each call returns the user's utterance plus metadata (intent, emotion, satisfaction 1-5, stop, completed_tasks) as
 one JSON object. Small models write bad JSON, so:
 
