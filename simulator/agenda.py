@@ -222,6 +222,7 @@ def observe(
         state.pending.append(fact)
     if "order_id" in state.pending and instance.case_id and instance.case_id in reply:
         state.pending.remove("order_id")  # the agent already named it (confirming is not asking)
+    first_ack = bool(_EMPATHY.search(reply)) and not state.acknowledged
     if _EMPATHY.search(reply):
         state.acknowledged = True
     if _OPTIONS.search(reply) or action == "recommend" or "proactive_guidance" in state.new_tasks:
@@ -232,7 +233,8 @@ def observe(
     delta = 0
     if state.new_tasks:
         delta += 1
-    if state.pending and not redundant:
+    fresh = [f for f in state.pending if f not in state.disclosed and state.asked[f] <= max(pol.asks_needed, 1)]
+    if fresh and not redundant:
         progress = True  # a relevant question moves the case on
     if not progress:
         state.no_progress += 1
@@ -241,7 +243,7 @@ def observe(
         state.no_progress = 0
     if rude:
         delta -= 2
-    if pol.wants_ack and state.acknowledged and delta <= 0 and not rude:
+    if pol.wants_ack and first_ack and delta <= 0 and not rude:
         delta += 1
 
     # offers and the goal
@@ -356,8 +358,17 @@ _DEMANDS = {
 _OPTION_ASKS = ("What are my options?", "What can you offer me here?", "What choices do I have?")
 
 
+_PRODUCT_INFO = ("Is it good quality, and what is the warranty?", "How long is the warranty on it?",
+                 "Please be honest about its quality.")  # fmt: skip
+
+
 def _demand_text(instance: ScenarioInstance, pol: Policy, turn: int) -> str:
-    variants = _OPTION_ASKS if pol.wants_options else _DEMANDS.get(instance.goal.kind, ("Please help me.",) * 3)
+    if pol.wants_options:
+        variants = _OPTION_ASKS
+    elif instance.case_type == "product_inquiry" and instance.goal.kind == "information":
+        variants = _PRODUCT_INFO
+    else:
+        variants = _DEMANDS.get(instance.goal.kind, ("Please help me.",) * 3)
     return variants[(turn - 1) % len(variants)]
 
 
@@ -439,7 +450,10 @@ def plan_turn(persona: Persona, instance: ScenarioInstance, state: AgendaState, 
                 pieces.append("I did not take one, sorry.")
                 intent = intent or "provide_info"
         elif fact == "details":
-            pieces.append(f"{instance.user_facts.get('problem', 'it is not right')}.".capitalize())
+            if "problem" in f:
+                pieces.append(f"{f['problem']}.".capitalize())
+            else:
+                pieces.append(f"I want to know more about the {f.get('wants_product', 'product')}.")
             intent = intent or "provide_info"
         elif fact == "item" and "product" in f:
             pieces.append(f"It is the {f['product']}.")
@@ -502,6 +516,9 @@ _CLAIM_ISSUED = {
     "voucher": re.compile(r"(got|received|have|for) (the|my|a) (voucher|coupon)|you (already )?(issued|gave)", re.I),
     "return_label": re.compile(r"(got|received|have|for) (the|my|a) (return )?label", re.I),
 }
+_WORDING_ONLY = ("drops_facts", "too_short", "too_long", "off_plan", "echoes_prompt")
+"""Gates on the LLM's rewording only (the template itself keeps its facts by construction)."""
+_PROMPT_ECHO = re.compile(r"(customer'?s message|rewritten message|rewrite|in your own words)", re.I)
 _ORDER_ID = re.compile(r"\b[A-Z]?\d{6}\b")
 
 
@@ -692,6 +709,8 @@ class AgendaUserSimulator:
                 issues.append("too_long")
             if off_plan(text, template):
                 issues.append("off_plan")
+            if _PROMPT_ECHO.search(text):
+                issues.append("echoes_prompt")
             return issues
 
         utterance, source, raws, rejected = template, "template", [], []
@@ -716,7 +735,11 @@ class AgendaUserSimulator:
                     utterance, source = text, "llm"
                     break
                 rejected.append(",".join(issues))
-        final_issues = [i for i in gates(utterance) if i not in ("drops_facts", "too_short", "too_long", "off_plan")]
+        final_issues = [
+            i
+            for i in gates(utterance)
+            if i not in ("drops_facts", "too_short", "too_long", "off_plan", "echoes_prompt")
+        ]
         meta_state = {
             **{k: v for k, v in state.as_dict().items() if k not in ("new_tasks",)},
             "plan_intent": plan.intent,

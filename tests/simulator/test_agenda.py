@@ -260,3 +260,21 @@ def test_recorded_small_model_rewrites_are_rejected(food):
         off_plan(recorded, template) and off_plan("An", template) and off_plan("The weather is nice today.", template)
     )
     assert not off_plan("Okay, I think a voucher would be fair here.", template)
+
+
+def test_prompt_echo_is_rejected(food):
+    client = EchoClient(prefix="Customer's message: ")
+    res = _respond(AgendaUserSimulator(client, "m"), persona(information_disclosure="proactive"), food)
+    assert res.meta.source == "template" and "echoes_prompt" in res.meta.state["llm_rejected"][0]
+
+
+def test_sorry_alone_does_not_satisfy_a_feedback_user():
+    inst = sample_instance("ecommerce", seed=2, case_type="product_inquiry", demand="feedback_oriented")
+    p = persona(extrinsic_demand="feedback_oriented")
+    sim = AgendaUserSimulator(None, "m")
+    hist, acts = [("user", "x")], []
+    for _ in range(4):
+        hist += [("agent", "I'm sorry for any confusion. Can you tell me more details?"), ("user", "y")]
+        acts.append("chat")
+    res = _respond(sim, p, inst, tuple(hist[:-1]), tuple(acts))
+    assert res.meta.satisfaction <= 3 and not res.meta.stop
