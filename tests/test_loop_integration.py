@@ -98,6 +98,7 @@ def test_train_end_to_end_then_resume(tmp_path: Path) -> None:
     assert [e["step"] for e in new_steps] == [3], "the learner did not resume from its checkpoint"
     # Later trajectories carry the pushed version, and the learner trained on them.
     new_ok = [e for e in new_events if e["kind"] == "episode" and e["payload"]["status"] == "ok"]
+    assert not [e for e in new_events if e["kind"] == "episode" and "simulator" in e["payload"].get("error", "")]
     assert new_ok and min(e["metrics"]["episode/policy_version"] for e in new_ok) >= last_push
     assert new_steps[0]["metrics"]["sys/trained_version"] == last_push
     assert max(e["metrics"]["sys/policy_version"] for e in new_events if e["kind"] == "push") == last_push + 1
