@@ -171,10 +171,22 @@ class SimulatorConfig(Section):
     """Dialogue ends after this many turns if the user has not stopped."""
     temperature: float = Field(default=0.7, ge=0)
     """Simulator sampling temperature."""
-    max_tokens: int = Field(default=160, ge=16)
-    """Completion budget of one simulator turn (utterance + metadata JSON)."""
+    mode: Literal["auto", "agenda", "llm"] = "auto"
+    """How a simulated user turn is made (docs/simulator.md).
+    "agenda": an explicit user model (goal agenda + persona policy) decides intent, emotion, satisfaction, stop and
+    completed tasks deterministically from the seed; the LLM only rewords a template utterance (used as is when the
+    LLM's text is unusable). Right for small models such as the CPU default SmolLM2-135M.
+    "llm": the LLM role-plays the whole turn as one JSON object (utterance + metadata); for capable models.
+    "auto": "llm" when serving.simulator = "external" (a capable endpoint was configured), else "agenda"."""
+    max_tokens: int = Field(default=320, ge=16)
+    """Completion budget of one simulator turn. mode "llm": the utterance regex is bounded so that utterance + the
+    metadata JSON (up to 200 tokens) always fit, so "llm" needs >= 216; mode "agenda": bounds the utterance too."""
+    utterance_chars: int = Field(default=240, ge=16)
+    """mode "agenda": at most this many characters (<= tokens) in the LLM-worded utterance (also <= max_tokens)."""
+    agenda_rewrite: bool = True
+    """mode "agenda": let the LLM reword the template utterance (False: the template words are used, no LLM call)."""
     json_retries: int = Field(default=2, ge=0)
-    """Re-asks after an unrepairable metadata JSON before the turn becomes an explicit error."""
+    """mode "llm": re-asks after an unrepairable metadata JSON before the turn becomes an explicit error."""
     hard_fraction: float = Field(default=0.5, ge=0, le=1)
     """Share of low-cooperation (levels 1-2) personas in the mix (InteractCS hard/easy)."""
 

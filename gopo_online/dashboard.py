@@ -696,6 +696,10 @@ def episode_event(
     metrics["episode/tokens"] = float(
         sum(len(g.completion_token_ids) for u in traj.turns for g in (u.expert_gen, u.cs_gen) if g is not None)
     )
+    # simulator quality gates (issue 8): flagged episodes should be excluded by a learner; counts per run
+    metrics["episode/sim_flagged"] = float(traj.sim_flagged)
+    metrics["episode/sim_regenerated"] = float(traj.sim_regenerated)
+    metrics["episode/sim_template_turns"] = float(sum(u.user_meta.source == "template" for u in traj.turns))
     if traj.min_policy_version is not None:
         metrics["episode/policy_version"] = float(traj.min_policy_version)
         metrics["episode/policy_version_max"] = float(traj.policy_versions[-1])
@@ -707,6 +711,8 @@ def episode_event(
     }
     if traj.error:
         payload["error"] = traj.error
+    if traj.sim_flags:
+        payload["sim_flags"] = list(traj.sim_flags)
     if excerpt_turns and traj.turns:
         payload["excerpt"] = [
             {

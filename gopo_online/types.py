@@ -82,6 +82,11 @@ class UserTurnMeta(Record):
     stop: bool
     completed_tasks: tuple[str, ...] = ()
     """Scenario TSE task ids the simulator says were completed by the agent's previous reply."""
+    source: Literal["llm", "template"] = "llm"
+    """Who wrote this turn: "llm" = the model (the whole turn in simulator.mode "llm", only the words in "agenda");
+    "template" = the agenda user model's template words (the model's text was unusable or rewriting is off)."""
+    state: dict[str, Any] | None = None
+    """The agenda user model's state after the agent turn this message reacts to (simulator.mode "agenda")."""
 
 
 class ConstraintCheck(Record):
@@ -221,6 +226,16 @@ class Trajectory(Record):
     repairs: tuple[str, ...] = ()
     """What was repaired in the model outputs of this episode, e.g. "turn 2 simulator: JSON repaired" (schema 2):
     a repaired reply is kept, and so is the note that it was repaired."""
+    sim_flags: tuple[str, ...] = ()
+    """Simulator quality-gate failures that stayed in the dialogue after one regeneration, as "turn N: issue"
+    (speaks_as_agent, repeats_turn, breaks_disclosure, contradicts_state). Non-empty = `sim_flagged`: a learner
+    should exclude the episode."""
+    sim_regenerated: int = Field(default=0, ge=0)
+    """User turns regenerated once because a quality gate failed."""
+
+    @property
+    def sim_flagged(self) -> bool:
+        return bool(self.sim_flags)
 
     @model_validator(mode="after")
     def _invariants(self) -> Trajectory:

@@ -209,11 +209,15 @@ def play_episode(
             done.append(task)
             completion[task] = turn_idx
 
-    def user_turn(turn_idx: int) -> tuple[str, UserTurnMeta, float]:
-        t_s = time.monotonic()
-        res = user_sim.respond(
-            persona=persona, instance=inst, history=tuple(history), turn=turn_idx, seed=seed * 100_003 + turn_idx * 101
-        )
+    gate = {"flags": [], "regenerated": 0}
+
+    def ask_user(turn_idx: int, seed_: int) -> Any:
+        if getattr(user_sim, "agenda", False):  # the agenda user model replays the agent's action tags
+            return user_sim.respond(persona=persona, instance=inst, history=tuple(history), turn=turn_idx, seed=seed_,
+                                    actions=tuple(actions), episode_seed=seed)  # fmt: skip
+        return user_sim.respond(persona=persona, instance=inst, history=tuple(history), turn=turn_idx, seed=seed_)
+
+    def checked(res: Any, turn_idx: int) -> Any:
         if isinstance(res, UserTurnError) or not getattr(res, "ok", False):
             raws = " | ".join(repr(r[:300]) for r in getattr(res, "raw_outputs", ()))
             raise EpisodeError(
@@ -221,7 +225,30 @@ def play_episode(
                 f"attempt(s): {getattr(res, 'error', res)}; raw outputs: {raws}"
             )
         repairs.extend(f"turn {turn_idx} simulator: {r}" for r in getattr(res, "repairs", ()))
+        return res
+
+    def user_turn(turn_idx: int) -> tuple[str, UserTurnMeta, float]:
+        t_s = time.monotonic()
+        res = checked(ask_user(turn_idx, seed * 100_003 + turn_idx * 101), turn_idx)
+        st = res.meta.state or {}
+        if getattr(user_sim, "agenda", False):
+            # the agenda simulator gates and regenerates its LLM words itself (template fallback)
+            gate["regenerated"] += int(bool(st.get("llm_rejected")))
+            issues = list(st.get("gate_issues") or ())
+        else:
+            issues = _gate(res.utterance)
+            if issues:  # quality gate failed: regenerate once with another seed
+                gate["regenerated"] += 1
+                res = checked(ask_user(turn_idx, seed * 100_003 + turn_idx * 101 + 50_021), turn_idx)
+                issues = _gate(res.utterance)
+        if issues:
+            gate["flags"].append(f"turn {turn_idx}: {','.join(issues)}")
         return res.utterance, res.meta, time.monotonic() - t_s
+
+    def _gate(utterance: str) -> list[str]:
+        from simulator.agenda import llm_turn_issues
+
+        return llm_turn_issues(utterance, persona=persona, instance=inst, history=tuple(history), actions=actions)
 
     try:
         utterance, meta, sim_s = user_turn(1)
@@ -331,6 +358,8 @@ def play_episode(
             started_at=started,
             duration_s=time.monotonic() - t0,
             repairs=tuple(repairs),
+            sim_flags=tuple(gate["flags"]),
+            sim_regenerated=gate["regenerated"],
         )
     return Trajectory(
         episode_id=episode_id,
@@ -346,6 +375,8 @@ def play_episode(
         started_at=started,
         duration_s=time.monotonic() - t0,
         repairs=tuple(repairs),
+        sim_flags=tuple(gate["flags"]),
+        sim_regenerated=gate["regenerated"],
     )
 
 

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gopo_online.errors import InputError, short_repr
 
@@ -103,6 +103,47 @@ class Persona(_Model):
     background: str = ""
     """Optional free-text life context."""
     source: Literal["generated", "distilled", "handwritten"] = "generated"
+    scenarios: tuple[str, ...] = ()
+    """Where this persona belongs: scenario families ("food_delivery") or family/case-type pairs
+    ("ecommerce/return_refund"). Empty = fits every scenario. The episode samplers only pair a persona with a case
+    it fits (`scenario_for`)."""
+
+    @field_validator("scenarios")
+    @classmethod
+    def _known_scenarios(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from simulator.scenarios import FAMILIES
+
+        for entry in v:
+            fam, _, case = entry.partition("/")
+            if fam not in FAMILIES:
+                raise ValueError(f"unknown scenario family {fam!r} in {entry!r} (known: {', '.join(FAMILIES)})")
+            if case and case not in FAMILIES[fam].case_types:
+                raise ValueError(
+                    f"unknown case type {case!r} of {fam} in {entry!r} (known: {', '.join(FAMILIES[fam].case_types)})"
+                )
+        return v
+
+    def fits(self, family: str, case_type: str | None = None) -> bool:
+        """Does this persona belong to `family` (and `case_type`, when given)? True for a persona without
+        `scenarios`."""
+        if not self.scenarios:
+            return True
+        for entry in self.scenarios:
+            fam, _, case = entry.partition("/")
+            if fam == family and (case_type is None or not case or case == case_type):
+                return True
+        return False
+
+    def case_types_in(self, family: str) -> tuple[str, ...] | None:
+        """The case types of `family` this persona names, or None when it fits the whole family."""
+        cases = []
+        for entry in self.scenarios or (family,):
+            fam, _, case = entry.partition("/")
+            if fam == family:
+                if not case:
+                    return None
+                cases.append(case)
+        return tuple(cases)
 
     @property
     def difficulty(self) -> Literal["hard", "easy"]:
@@ -486,6 +527,18 @@ _NAMES = (
     "Elena",
     "Omar",
 )
+_BACKGROUND_SCENARIOS: dict[str, tuple[str, ...]] = {
+    "busy parent ordering for the family": (),
+    "student on a tight budget": (),
+    "office worker ordering lunch": ("food_delivery",),
+    "retired teacher who shops online rarely": ("ecommerce",),
+    "small-business owner buying supplies": ("ecommerce",),
+    "night-shift nurse": ("food_delivery",),
+    "frequent online shopper": ("ecommerce",),
+    "first-time customer": (),
+}
+"""Which scenario families a generated background belongs to (empty: any): a lunch order is food delivery, a
+shopper buying supplies is e-commerce."""
 _BACKGROUNDS = (
     "busy parent ordering for the family",
     "student on a tight budget",
@@ -532,17 +585,22 @@ def generate_bank_personas(n: int = 240, seed: int = 0, heldout_fraction: float 
             for dim in _LEVELS:
                 level = _level_for(dim, coop, rng)
                 traits[dim] = {"level": level, "description": rng.choice(_TRAIT_TEXT[dim][level])}
+            # same draw order as before the scenarios field existed (name, demand text, background): same bank
+            name = rng.choice(_NAMES)
+            demand_text = rng.choice(_DEMAND_TEXT[demand])
+            background = rng.choice(_BACKGROUNDS)
             personas.append(
                 Persona(
                     id=f"p{k:04d}",
                     split="heldout" if j in held else "train",
-                    name=rng.choice(_NAMES),
+                    name=name,
                     cooperation=coop,
                     intrinsic=IntrinsicTraits.model_validate(traits),
                     extrinsic_demand=demand,
-                    demand_description=rng.choice(_DEMAND_TEXT[demand]),
-                    background=rng.choice(_BACKGROUNDS),
+                    demand_description=demand_text,
+                    background=background,
                     source="generated",
+                    scenarios=_BACKGROUND_SCENARIOS[background],
                 )
             )
             k += 1
@@ -587,6 +645,26 @@ def sample_personas(personas: Sequence[Persona], n: int, *, hard_fraction: float
     picked = draw(hard, n_hard) + draw(easy, n - n_hard)
     rng.shuffle(picked)
     return picked
+
+
+def scenario_for(persona: Persona, families: Sequence[str], index: int) -> tuple[str, str | None]:
+    """(family, case_type or None) for episode `index` of `persona`, among the configured `families` it fits:
+    the families it fits in rotation, and, when it names case types of that family, those in rotation (None = any
+    case type, the instance sampler picks). Raises when the persona fits none of `families`."""
+    fams = [f for f in families if persona.fits(f)]
+    if not fams:
+        raise ValueError(
+            f"persona {persona.id} fits none of the configured scenarios {list(families)} "
+            f"(it names {list(persona.scenarios)}): add one to simulator.scenarios or use another persona bank"
+        )
+    fam = fams[index % len(fams)]
+    cases = persona.case_types_in(fam)
+    return fam, (cases[(index // len(fams)) % len(cases)] if cases else None)
+
+
+def fitting_personas(personas: Sequence[Persona], families: Sequence[str]) -> list[Persona]:
+    """The personas that fit at least one of `families` (a bank filtered to the configured scenarios)."""
+    return [p for p in personas if any(p.fits(f) for f in families)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

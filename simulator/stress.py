@@ -31,10 +31,10 @@ from gopo_online.config import GopoConfig, dump_config
 from gopo_online.metrics import tse
 from gopo_online.types import Trajectory
 from simulator.episode import OpenAIChatAgent, play_episode
-from simulator.personas import Persona, load_personas, sample_personas
+from simulator.personas import Persona, fitting_personas, load_personas, sample_personas, scenario_for
 from simulator.scenarios import TASK_IDS, ScenarioInstance, detect_task, sample_instance
 from simulator.serving_adapters import judge_or_none, two_agent_factory
-from simulator.user import UserSimulator
+from simulator.user import make_user_simulator
 
 METRIC_KEYS = (
     "episodes",
@@ -51,6 +51,9 @@ METRIC_KEYS = (
     "compliance",
     "bleu",
     "tse_agreement",
+    "sim_flagged",
+    "sim_regenerated",
+    "sim_template_turns",
 )
 
 
@@ -115,6 +118,10 @@ def group_metrics(
         "compliance": _mean([u.compliance.score for u in turns]),
         "bleu": _bleu(ok, instances),
         "tse_agreement": _agreement(ok, instances),
+        # simulator quality gates: episodes a learner should exclude, user turns regenerated / worded by template
+        "sim_flagged": sum(t.sim_flagged for t in trajs),
+        "sim_regenerated": sum(t.sim_regenerated for t in trajs),
+        "sim_template_turns": sum(u.user_meta.source == "template" for t in ok for u in t.turns),
     }
 
 
@@ -249,13 +256,13 @@ def run_stress(
 
     console = console or Console()
     out.mkdir(parents=True, exist_ok=True)
-    user_sim = UserSimulator.from_config(cfg.simulator, sim_client, sim_model, structured=sim_structured)
+    user_sim = make_user_simulator(cfg, sim_client, sim_model, structured=sim_structured)
     if max_turns:
         user_sim.max_turns = max_turns
     jobs = []
     for i, p in enumerate(personas):
-        fam = cfg.simulator.scenarios[i % len(cfg.simulator.scenarios)]
-        inst = sample_instance(fam, seed=seed * 100_000 + i, demand=p.extrinsic_demand)
+        fam, case_type = scenario_for(p, cfg.simulator.scenarios, i)  # persona <-> scenario fit
+        inst = sample_instance(fam, seed=seed * 100_000 + i, demand=p.extrinsic_demand, case_type=case_type)
         jobs.append((f"stress-{seed}-{i:04d}", p, inst, seed * 100_000 + i))
     by_ep_persona = {ep: p for ep, p, _, _ in jobs}
     by_ep_instance = {ep: inst for ep, _, inst, _ in jobs}
@@ -337,7 +344,9 @@ def main(
     from gopo_online.serving.client import ChatClient, client_from_config
 
     out = Path(out) if out is not None else cfg.run.run_dir / "stress"
-    bank = load_personas(cfg.simulator.persona_file, split=cfg.simulator.split)
+    bank = fitting_personas(
+        load_personas(cfg.simulator.persona_file, split=cfg.simulator.split), cfg.simulator.scenarios
+    )
     personas = sample_personas(bank, n_personas, hard_fraction=cfg.simulator.hard_fraction, seed=seed)
     with contextlib.ExitStack() as stack:
         policy_url: str | None = None

@@ -1,5 +1,9 @@
 """LLM user simulator (InteractCS §4.1.2, eq 3): role-play conditioned on persona, scenario, hidden goal and history.
 
+This is `simulator.mode = "llm"`, for capable models; the default on the CPU model is the agenda user model of
+simulator/agenda.py (`make_user_simulator` picks one, docs/simulator.md). The regex bounds the utterance so that the
+whole JSON turn fits `max_tokens` (`utterance_budget`): a turn cut at max_tokens cannot close its JSON.
+
 Each call returns the user's utterance plus metadata (intent, emotion, satisfaction 1-5, stop, completed_tasks) as
 one JSON object. Small models write bad JSON, so:
 
@@ -65,16 +69,49 @@ def _ordered_task_lists() -> list[str]:
     return ["\\[\\]"] + ["\\[" + ", ".join(f'"{t}"' for t in c) + "\\]" for c in subsets]
 
 
+_UTTERANCE_CHARS = "[ !#-\\[\\]-~]"
+"""Printable ASCII without the quote and the backslash: one byte per character, so a match of n characters can never
+take more than n tokens (every token of a byte-level BPE covers at least one byte)."""
+MIN_UTTERANCE_CHARS = 16
+
+
 def user_turn_regex(max_utterance_chars: int = 240) -> str:
     """The same turn as one regex (vLLM `structured_outputs.regex`): no free whitespace (xgrammar JSON lets a small
-    model emit whitespace runs until max_tokens, recorded in the fixtures), a bounded utterance, closed intent/emotion
-    sets and completed_tasks as distinct task ids in sequence order."""
+    model emit whitespace runs until max_tokens, recorded in the fixtures), a bounded ASCII utterance, closed
+    intent/emotion sets and completed_tasks as distinct task ids in sequence order."""
     alt = "|".join
     return (
-        '\\{"utterance": "[^"\\\\\\n]{1,' + str(max_utterance_chars) + '}", '
+        '\\{"utterance": "' + _UTTERANCE_CHARS + "{1," + str(max_utterance_chars) + '}", '
         f'"intent": "({alt(INTENTS)})", "emotion": "({alt(EMOTIONS)})", "satisfaction": [1-5], '
         f'"stop": (true|false), "completed_tasks": ({alt(_ordered_task_lists())})\\}}'
     )
+
+
+def regex_max_chars(regex: str) -> int:
+    """The longest string `regex` can match (characters)."""
+    try:
+        import re._parser as sre_parse  # Python >= 3.11
+    except ImportError:  # pragma: no cover
+        import sre_parse  # type: ignore[no-redef]
+    return int(sre_parse.parse(regex).getwidth()[1])
+
+
+def skeleton_chars() -> int:
+    """Characters of the longest turn JSON with an empty utterance (what the metadata alone can take)."""
+    return regex_max_chars(user_turn_regex(1)) - 1
+
+
+def utterance_budget(max_tokens: int, cap: int = 240) -> int:
+    """Utterance characters that fit `max_tokens` whatever else the turn holds: max_tokens - skeleton_chars(),
+    at most `cap`. Raises when max_tokens is too small for the llm mode (names the setting and the minimum)."""
+    n = min(cap, max_tokens - skeleton_chars())
+    if n < MIN_UTTERANCE_CHARS:
+        raise ValueError(
+            f"simulator.max_tokens={max_tokens} is too small for simulator.mode='llm': the turn's JSON metadata can "
+            f"take {skeleton_chars()} tokens, leaving {max(n, 0)} for the utterance; set simulator.max_tokens >= "
+            f"{skeleton_chars() + MIN_UTTERANCE_CHARS} (or use simulator.mode='agenda')"
+        )
+    return n
 
 
 class ChatLike(Protocol):
@@ -245,7 +282,7 @@ class UserSimulator:
         model: str,
         *,
         temperature: float = 0.7,
-        max_tokens: int = 160,
+        max_tokens: int = 320,
         json_retries: int = 2,
         structured: Literal["regex", "json", "none"] = "regex",
         max_turns: int = 6,
@@ -257,6 +294,9 @@ class UserSimulator:
         self.json_retries = json_retries
         self.structured = structured
         self.max_turns = max_turns
+        # the regex bounds the utterance so that the whole JSON turn always fits max_tokens (a turn cut at
+        # max_tokens cannot close its JSON; the 240-character bound overflowed 160 tokens, issue 8)
+        self.utterance_chars = utterance_budget(max_tokens) if structured == "regex" else 240
 
     @classmethod
     def from_config(
@@ -284,7 +324,7 @@ class UserSimulator:
     ) -> UserResult:
         """The user's next message. `history` = earlier (role, text) pairs, role "user" or "agent"."""
         messages = build_messages(persona, instance, history, turn, self.max_turns)
-        structured = {"regex": user_turn_regex(), "json": user_turn_schema()}.get(self.structured)
+        structured = {"regex": user_turn_regex(self.utterance_chars), "json": user_turn_schema()}.get(self.structured)
         structured = {self.structured: structured} if structured is not None else None
         raws: list[str] = []
         last_error = ""
@@ -334,3 +374,22 @@ class UserSimulator:
             attempts=len(raws),
             latency_s=time.monotonic() - t0,
         )
+
+
+def simulator_mode(cfg: Any) -> Literal["agenda", "llm"]:
+    """`simulator.mode` resolved: "auto" is "llm" for an external (capable) simulator endpoint, else "agenda"."""
+    mode = cfg.simulator.mode
+    if mode == "auto":
+        return "llm" if cfg.serving.simulator == "external" else "agenda"
+    return mode
+
+
+def make_user_simulator(
+    cfg: Any, client: ChatLike, model: str, *, structured: Literal["regex", "json", "none"] = "regex"
+) -> Any:
+    """The configured simulated user: `simulator.agenda.AgendaUserSimulator` or the LLM role-play `UserSimulator`."""
+    if simulator_mode(cfg) == "agenda":
+        from simulator.agenda import AgendaUserSimulator
+
+        return AgendaUserSimulator.from_config(cfg.simulator, client, model, regex=structured == "regex")
+    return UserSimulator.from_config(cfg.simulator, client, model, structured=structured)

@@ -387,7 +387,8 @@ def test_repair_notes_reach_the_trajectory(sim_ctx) -> None:
         def respond(self, state):
             return "Let me check that for you.", "chat", None, None
 
-    texts = [_turn(intent="dance"), _turn(satisfaction=4.2, stop=True)]
+    # two different utterances: the same one twice would trip the simulator's repeated-turn gate (a regeneration)
+    texts = [_turn(intent="dance"), _turn(satisfaction=4.2, stop=True, utterance="Thanks, that settles it for me.")]
     traj = play_episode(
         episode_id="ep-1", scenario_instance=sim_ctx[1], persona=sim_ctx[0], expert=None, cs=_CS(), judge=None,
         user_sim=UserSimulator(_Script(texts), "m", json_retries=0), cfg=GopoConfig(), seed=0,

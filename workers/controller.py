@@ -112,9 +112,10 @@ class Dispatcher:
     """Samples (persona, scenario, seed) for each new episode from the configured split and difficulty mix."""
 
     def __init__(self, cfg: GopoConfig) -> None:
-        from simulator.personas import load_personas, sample_personas
+        from simulator.personas import fitting_personas, load_personas, sample_personas
 
-        bank = load_personas(cfg.simulator.persona_file, split=cfg.simulator.split)
+        bank = fitting_personas(load_personas(cfg.simulator.persona_file, split=cfg.simulator.split),
+                                cfg.simulator.scenarios)  # fmt: skip
         if not bank:
             raise ValueError(
                 f"no personas in split {cfg.simulator.split!r} of {cfg.simulator.persona_file or 'the bank'}"
@@ -126,11 +127,14 @@ class Dispatcher:
 
     def request(self, index: int, policy_version: int) -> Any:
         from gopo_online.stream import EpisodeRequest
+        from simulator.personas import scenario_for
 
         persona = self.personas[index % len(self.personas)]
+        family, case_type = scenario_for(persona, self.scenarios, index)  # persona <-> scenario fit
         return EpisodeRequest(
             episode_id=f"ep-{self.seed}-{index:07d}",
-            scenario_id=self.scenarios[index % len(self.scenarios)],
+            scenario_id=family,
+            case_type=case_type,
             persona_id=persona.id,
             persona_group=persona.group,
             seed=self.seed * 1_000_003 + index,

@@ -103,7 +103,7 @@ def default_deps(ctx: WorkerContext) -> EpisodeDeps:
     from gopo_online.serving.agents import ExpertAgent
     from gopo_online.serving.client import client_from_config
     from simulator.serving_adapters import ServedCS, ServedExpert, judge_or_none
-    from simulator.user import UserSimulator
+    from simulator.user import make_user_simulator
 
     cfg = ctx.cfg
     root = cfg.serving.policy.url
@@ -115,7 +115,7 @@ def default_deps(ctx: WorkerContext) -> EpisodeDeps:
     root = root.rstrip("/").removesuffix("/v1")
     policy_client = client_from_config(cfg, root + "/v1")
     sim_client, sim_model, structured, sim_vllm = _sim_backend(cfg, policy_client)
-    user_sim = UserSimulator.from_config(cfg.simulator, sim_client, sim_model, structured=structured)
+    user_sim = make_user_simulator(cfg, sim_client, sim_model, structured=structured)
     judge = judge_or_none(cfg, sim_client, sim_model, vllm=sim_vllm)
 
     weights = served_weights(ctx, root)

@@ -166,3 +166,64 @@ def test_prompt_profile_mentions_every_dimension():
     text = p.prompt_profile()
     for word in ("Communication", "disclosure", "Problem-solving", "Affective", "Cooperation", p.extrinsic_demand):
         assert word in text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Persona <-> scenario fit
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_shipped_bank_states_scenario_fit():
+    from simulator.personas import _BACKGROUND_SCENARIOS
+
+    bank = load_personas()
+    assert {p.background for p in bank} <= set(_BACKGROUND_SCENARIOS)
+    assert all(p.scenarios == _BACKGROUND_SCENARIOS[p.background] for p in bank)
+    lunch = [p for p in bank if p.background == "office worker ordering lunch"]
+    assert lunch and all(p.fits("food_delivery") and not p.fits("ecommerce") for p in lunch)
+    assert any(not p.scenarios for p in bank)  # some fit everything
+
+
+def test_scenario_for_respects_fit_and_rotates():
+    from simulator.personas import fitting_personas, scenario_for
+
+    base = generate_bank_personas(20, seed=1)[0]
+    anyp = base.model_copy(update={"scenarios": ()})
+    food = base.model_copy(update={"scenarios": ("food_delivery",)})
+    case = base.model_copy(update={"scenarios": ("ecommerce/return_refund", "ecommerce/order_delay")})
+    fams = ["ecommerce", "food_delivery"]
+    assert [scenario_for(anyp, fams, i) for i in range(2)] == [("ecommerce", None), ("food_delivery", None)]
+    assert {scenario_for(food, fams, i) for i in range(5)} == {("food_delivery", None)}
+    assert [scenario_for(case, fams, i) for i in range(3)] == [
+        ("ecommerce", "return_refund"),
+        ("ecommerce", "order_delay"),
+        ("ecommerce", "return_refund"),
+    ]
+    with pytest.raises(ValueError, match="fits none of the configured scenarios"):
+        scenario_for(food, ["ecommerce"], 0)
+    assert fitting_personas([anyp, food, case], ["ecommerce"]) == [anyp, case]
+
+
+def test_unknown_scenario_in_a_persona_is_named(tmp_path):
+    rec = _good() | {"scenarios": ["groceries"]}
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps(rec) + "\n")
+    with pytest.raises(PersonaFileError, match=r"field scenarios.*unknown scenario family 'groceries'"):
+        load_personas(f)
+    f.write_text(json.dumps(_good() | {"scenarios": ["food_delivery/lost"]}) + "\n")
+    with pytest.raises(PersonaFileError, match=r"unknown case type 'lost' of food_delivery"):
+        load_personas(f)
+
+
+def test_dispatcher_pairs_personas_only_with_fitting_scenarios():
+    from gopo_online.config import GopoConfig
+    from simulator.personas import load_personas as lp
+    from workers.controller import Dispatcher
+
+    d = Dispatcher(GopoConfig())
+    bank = {p.id: p for p in lp()}
+    reqs = [d.request(i, 0) for i in range(200)]
+    assert all(bank[r.persona_id].fits(r.scenario_id, r.case_type) for r in reqs)
+    assert {r.scenario_id for r in reqs} == {"ecommerce", "food_delivery"}
+    only_food = Dispatcher(GopoConfig.model_validate({"simulator": {"scenarios": ["food_delivery"]}}))
+    assert all(bank[only_food.request(i, 0).persona_id].fits("food_delivery") for i in range(100))

@@ -173,3 +173,37 @@ def test_request_failure_is_error_turn(ctx):
         persona=ctx[0], instance=ctx[1], history=(), turn=1
     )
     assert isinstance(res, UserTurnError) and res.stage == "request" and "timed out" in res.error
+
+
+class _Capture:
+    def __init__(self):
+        self.calls = []
+
+    def chat(self, messages, *, model, temperature, max_tokens, seed=None, structured=None):
+        self.calls.append((max_tokens, structured))
+        return type("R", (), {"text": '{"utterance": "hi", "intent": "greet", "emotion": "calm", "satisfaction": 3, '
+                                      '"stop": false, "completed_tasks": []}'})()  # fmt: skip
+
+
+@pytest.mark.parametrize("overrides", [[], ["simulator.max_tokens=216"], ["simulator.max_tokens=1000"]])
+def test_llm_turn_regex_always_fits_max_tokens(ctx, overrides):
+    """Issue 8: the regex admitted a 240-character utterance + the metadata (~440 characters) under max_tokens=160,
+    so a turn could be cut before its JSON closed. Every string the sent regex admits must fit max_tokens: it is
+    printable ASCII (one byte, so at most one token, per character) no longer than max_tokens characters."""
+    import re._parser as sre_parse
+
+    from gopo_online.config import load_config
+
+    cfg = load_config(overrides=overrides)
+    client = _Capture()
+    sim = UserSimulator.from_config(cfg.simulator, client, "m")
+    persona, inst = ctx
+    assert sim.respond(persona=persona, instance=inst, history=(), turn=1, seed=0).ok
+    max_tokens, structured = client.calls[0]
+    regex = structured["regex"]
+    assert sre_parse.parse(regex).getwidth()[1] <= max_tokens
+    turn = (
+        '{"utterance": "caf%s", "intent": "greet", "emotion": "calm", "satisfaction": 3, "stop": false, '
+        '"completed_tasks": []}'
+    )
+    assert re.fullmatch(regex, turn % "e") and re.fullmatch(regex, turn % "\u00e9") is None  # 1 byte per character
