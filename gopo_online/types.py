@@ -59,6 +59,8 @@ class Generation(Record):
     temperature: float = Field(ge=0.0)
     latency_s: float = Field(ge=0.0)
     finish_reason: str | None = None
+    grammar: GrammarRef | None = None
+    """The grammar the decode was constrained by (None: unconstrained, every token allowed)."""
 
     @model_validator(mode="after")
     def _lengths(self) -> Generation:

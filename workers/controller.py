@@ -156,18 +156,24 @@ class Dispatcher:
         self.personas = sample_personas(bank, len(bank), hard_fraction=cfg.simulator.hard_fraction, seed=cfg.run.seed)
         self.scenarios = list(cfg.simulator.scenarios)
         self.seed = cfg.run.seed
+        self.group_size = cfg.learner.group_size
 
     def request(self, index: int, policy_version: int) -> Any:
+        """Episode `index`: a member of GRPO group index // G (`workers.groups.group_slot`, G = learner.group_size)."""
         from gopo_online.stream import EpisodeRequest
+        from workers.groups import group_slot
 
-        persona = self.personas[index % len(self.personas)]
+        slot = group_slot(index, self.group_size, self.seed)
+        persona = self.personas[slot.group % len(self.personas)]
         return EpisodeRequest(
             episode_id=f"ep-{self.seed}-{index:07d}",
-            scenario_id=self.scenarios[index % len(self.scenarios)],
+            scenario_id=self.scenarios[slot.group % len(self.scenarios)],
             persona_id=persona.id,
             persona_group=persona.group,
-            seed=self.seed * 1_000_003 + index,
+            seed=slot.seed,
             policy_version=policy_version,
+            group_id=slot.group_id,
+            sample_index=slot.member,
         )
 
 
