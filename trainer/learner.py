@@ -40,7 +40,7 @@ from gopo_online.types import Trajectory
 from trainer.collate import AGENTS, CollateResult, MicroBatch, collate, drop_errors, split_versions
 from trainer.stats import AgentStats, StepStats
 
-__all__ = ["Learner", "behaviour_logprobs", "main", "score"]
+__all__ = ["Learner", "behaviour_logprobs", "group_batch", "main", "score"]
 
 PublishFn = Callable[[int, dict[str, Path]], Any]
 """publish(version, {"expert": dir, "cs": dir}): hands exported weights to the weight transport."""
@@ -715,7 +715,8 @@ class _Run:
     learner: Learner
     source: Iterable[list[Trajectory]]
     publishers: dict[str, Any] | None
-    ack: Callable[[], Any]
+    ack: Callable[[list[str]], Any]
+    """Acks the given episodes (only what a step trained on: a batch may leave group members for the next)."""
     emit: Callable[..., Any]
     closers: list[Callable[[], Any]]
     metrics_path: Path
@@ -730,7 +731,7 @@ def _setup(
     announce: AnnounceFn | None,
 ) -> _Run:
     closers: list[Callable[[], Any]] = []
-    ack: Callable[[], Any] = lambda: None  # noqa: E731
+    ack: Callable[[list[str]], Any] = lambda episode_ids: None  # noqa: E731
     # SIGINT (the controller's stop, or Ctrl-C) lets the current step and its push finish, then checkpoints:
     # an interrupt in the middle of an optimizer step would checkpoint half-updated weights.
     stop = threading.Event()
@@ -744,7 +745,9 @@ def _setup(
     if source is None:
         consumer, announcer, events = _stream_parts(cfg)
         closers += [consumer.close, announcer.close, events.close]
-        source = _batches(consumer, cfg.learner.batch_episodes, should_stop=stop.is_set)
+        source = _batches(
+            consumer, cfg.learner.batch_episodes, should_stop=stop.is_set, group_size=cfg.learner.group_size
+        )
         ack = consumer.ack
         emit = _safe_emit(events)
         if announce is None:
@@ -774,7 +777,7 @@ def _loop(cfg: GopoConfig, run: _Run, on_metrics: Callable[[Mapping[str, float]]
         t_step = time.perf_counter()
         step_before = learner.global_step
         metrics = learner.step(batch)
-        run.ack()
+        run.ack([t.episode_id for t in batch])
         with run.metrics_path.open("a") as f:
             f.write(json.dumps({"time": time.time(), **metrics}) + "\n")
         if learner.global_step > step_before:
@@ -895,12 +898,46 @@ def _stream_parts(cfg: GopoConfig):
 
 
 def _batches(
-    consumer, batch_episodes: int, timeout_s: float = 5.0, should_stop: Callable[[], bool] = lambda: False
+    consumer,
+    batch_episodes: int,
+    timeout_s: float = 5.0,
+    should_stop: Callable[[], bool] = lambda: False,
+    group_size: int = 1,
 ) -> Iterator[list[Trajectory]]:
-    """Full batches from the consumer until `should_stop()` (checked at least every `timeout_s`)."""
-    batch: list[Trajectory] = []
+    """Batches from the consumer until `should_stop()` (checked at least every `timeout_s`), whole GRPO groups
+    together (`group_batch`); what a batch leaves behind stays unacked for the next one."""
+    pending: list[Trajectory] = []
     while not should_stop():
-        batch += consumer.get_batch(batch_episodes - len(batch), timeout_s)
-        if len(batch) >= batch_episodes:
+        pending += consumer.get_batch(batch_episodes, timeout_s)
+        if len(pending) < batch_episodes:
+            continue
+        # wait for the missing members of a group only while little is held: a failed member never arrives
+        force = len(pending) >= batch_episodes + group_size
+        batch, pending = group_batch(pending, batch_episodes, group_size, force=force)
+        if batch:
             yield batch
-            batch = []
+
+
+def group_batch(
+    pending: list[Trajectory], batch_episodes: int, group_size: int, force: bool = False
+) -> tuple[list[Trajectory], list[Trajectory]]:
+    """(batch, rest): whole groups (all `group_size` members with one group id present), oldest group first,
+    until the batch holds >= `batch_episodes`; a trajectory without a group id is a complete group of one.
+    Without enough complete groups the batch is empty, unless `force`: then it is topped up with the oldest of
+    the rest (a group's missing member may be an error record without a group id, or lost)."""
+    by: dict[str, list[Trajectory]] = {}
+    for t in pending:
+        by.setdefault(f"g:{t.group_id}" if t.group_id else f"e:{t.episode_id}", []).append(t)
+    chosen: list[Trajectory] = []
+    for key, members in by.items():
+        if len(chosen) >= batch_episodes:
+            break
+        if key.startswith("e:") or len(members) >= group_size:
+            chosen += members
+    if len(chosen) < batch_episodes:
+        if not force:
+            return [], pending
+        taken = {id(t) for t in chosen}
+        chosen += [t for t in pending if id(t) not in taken][: batch_episodes - len(chosen)]
+    taken = {id(t) for t in chosen}
+    return chosen, [t for t in pending if id(t) not in taken]
