@@ -132,6 +132,21 @@ def behaviour_logprobs(logp, mb: MicroBatch, version: int, steps_since_push: int
     return torch.where(on_policy, logp.detach(), mb.old_logprobs)
 
 
+def _accumulate(sums: dict[str, float], mb: MicroBatch, logp, res, kl, w: float) -> None:
+    """Add one micro-batch's row-weighted contributions to an agent's `AgentStats` fields (named as the fields)."""
+    mask = mb.completion_mask
+    n_tok = mask.sum().clamp_min(1.0)
+    forced = ((mb.allowed.sum(-1) == 1).float() * mask).sum() / n_tok if mb.allowed is not None else 0.0
+    gap = ((logp.detach() - mb.old_logprobs).abs() * mask).sum() / n_tok  # |log π_new − recorded log π_old|
+    for key, value in (
+        ("loss", res.loss), ("pg", res.pg), ("entropy", res.entropy), ("kl", kl.mean()), ("clip_frac", res.clipped),
+        ("ratio_mean", res.ratio.mean()), ("adv_mean", mb.advantages.mean()), ("logprob_gap", gap),
+        ("forced_frac", forced),
+    ):  # fmt: skip
+        x = value.detach().item() if hasattr(value, "detach") else float(value)
+        sums[key] = sums.get(key, 0.0) + x * w
+
+
 def _rss_mb() -> float:
     import resource
 
@@ -418,15 +433,7 @@ class Learner:
                     )  # fmt: skip
                     sums["skill"] = sums.get("skill", 0.0) + res.skill.item() * w
                 self._engine_of(a).backward((res.loss + beta * kl.mean()) * w, scale_wrt_gas=False)
-                n_tok = mask.sum().clamp_min(1.0)
-                forced = ((mb.allowed.sum(-1) == 1).float() * mask).sum() / n_tok if mb.allowed is not None else 0.0
-                gap = ((logp.detach() - mb.old_logprobs).abs() * mask).sum() / n_tok
-                for key, value in (
-                    ("loss", res.loss), ("pg", res.pg), ("entropy", res.entropy), ("kl", kl.mean()),
-                    ("clip_frac", res.clipped), ("ratio_mean", res.ratio.mean()), ("adv_mean", mb.advantages.mean()),
-                    ("logprob_gap", gap), ("forced_frac", forced),
-                ):  # fmt: skip
-                    sums[key] = sums.get(key, 0.0) + float(value) * w
+                _accumulate(sums, mb, logp, res, kl, w)
                 ratio_max = max(ratio_max, float((res.ratio * (mask if res.ratio.dim() == 2 else 1.0)).max()))
             s = st.agents[a]
             for key, value in sums.items():
