@@ -1,6 +1,9 @@
 """The DeepSpeed learner: consumes trajectory batches, updates the Expert and CS policies, pushes weights.
 
-Read `Learner.setup`, `Learner.step`, `Learner.cleanup` top to bottom. Two policies (DESIGN §1):
+Read `Learner.setup`, `Learner.step`, `Learner.cleanup` top to bottom. `step` runs five phases, each a method:
+drop stale / future / error episodes (`_admit`, `_collate`), reference pass, rewards and advantages, policy pass,
+optimizer step (then pushes and checkpoints, `_bookkeeping`), and returns a `trainer.stats.StepStats`.
+Two policies (DESIGN §1):
 - finetune = "lora" (one-machine default): ONE base model with two LoRA adapters, `expert` and `cs`, in
   one DeepSpeed engine (one optimizer over both adapters; Adam is per-parameter, so this equals two
   optimizers except that gradient clipping sees the joint norm). The base with adapters disabled is the
@@ -10,7 +13,8 @@ Read `Learner.setup`, `Learner.step`, `Learner.cleanup` top to bottom. Two polic
 Off-policy correction (see `trainer/losses.py` for which log π): a row produced by the weights the
 learner holds right now (its version is the current one and no step was taken since the last push) is
 on-policy: its old log π is the learner's own detached log π, ratio exactly 1, vanilla policy gradient.
-Any other row is off-policy and is clipped against vLLM's recorded raw logprobs.
+Any other row is off-policy and is clipped against vLLM's recorded logprobs, which are the same quantity: both
+are scored over the grammar's admitted tokens at the sampling temperature (`trainer/grammar.py`, `score`).
 
 Values of the GAE critic: a linear head on the REFERENCE model's last hidden state at the last prompt
 token. The reference pass is needed anyway (KL), its features do not drift, and the critic's MSE never
