@@ -132,4 +132,12 @@ def test_skill_distance_is_set_in_the_production_path():
     turns = trajs[0].turns
     assert turns and all(t.rewards.skill_distance is not None for t in turns)
     assert all(0.0 < t.rewards.skill_distance < 2.0 for t in turns)
+    # what the learner sees: every CS row has a distance (collate's has_distance, the L_s term's mask)
+    from trainer.collate import collate
+    from trainer.synthetic import FakeTokenizer, make_gen
+
+    gen = make_gen(FakeTokenizer(), [{"role": "user", "content": "late"}], "sorry", temperature=0.8)
+    tr = trajs[0].model_copy(update={"turns": tuple(t.model_copy(update={"cs_gen": gen}) for t in turns)})
+    mb = collate([tr], micro_batch_turns=8).batches["cs"][0]
+    assert mb.has_distance.sum().item() == len(turns) and (mb.skill_distance > 0).all()
     assert reward_extras(load_config(overrides=["rewards.skill_distance=false"])) == {}
