@@ -151,7 +151,8 @@ class ExpertAgent:
             raise AgentOutputError(f"expert output failed its grammar ({result.finish_reason}): {e}") from e
         version = self.policy_version if policy_version is None else policy_version
         ref = GrammarRef(kind="expert_skills", choices=tuple(names), max_items=self.cfg.max_skills)
-        return ExpertDecision(skills=skills, generation=result.to_generation(version).model_copy(update={"grammar": ref}))
+        generation = result.to_generation(version).model_copy(update={"grammar": ref})
+        return ExpertDecision(skills=skills, generation=generation)
 
 
 # ----------------------------------------------------------------------------- CS agent
