@@ -317,6 +317,14 @@ class LearnerConfig(Section):
     """Gradient-norm clip."""
     use_cost_penalty: bool = True
     """Subtract λ·cost (PID-Lagrangian, InteractCS eq 7-8) from the CS advantage."""
+    kl_rate: float = Field(default=0.2, gt=0, le=1)
+    """K_β, update rate of the adaptive β per learner step: β ← β(1 + K_β e), e = clip(KL/target − 1, ±0.2)
+    (step-by-step eq 6-7, which uses 0.2)."""
+    grammar_mask: bool = True
+    """Score constrained completions over the tokens their grammar admitted (the set vLLM sampled from)."""
+    group_size: int = Field(default=4, ge=1)
+    """GRPO group size G: the controller dispatches G rollouts of one (persona, scenario instance, simulator
+    seed) with one group id; advantages are normalised within a group (InteractCS uses 4). 1 = no groups."""
 
 
 class RewardsConfig(Section):
@@ -348,6 +356,9 @@ class RewardsConfig(Section):
     """Weight of the normalised outcome (final satisfaction) in the hybrid advantage (InteractCS eq 5)."""
     process_weight: float = Field(default=0.5, ge=0)
     """Weight of the process reward in the hybrid advantage."""
+    skill_distance: bool = True
+    """Compute the skill-compliance distance d(a^A, a^E) of gopo eq 9c for every turn (all-MiniLM-L6-v2 on the
+    rollout worker); False leaves it unset and the CS loss's L_s term is 0."""
 
     @model_validator(mode="after")
     def _check(self) -> RewardsConfig:

@@ -300,35 +300,41 @@ def kl_shaped_reward(r: Any, kl: Any, beta: float) -> Any:
 
 
 class AdaptiveKLController:
-    """Adaptive KL coefficient β (step eq 6-7, after Ziegler et al. 2019).
+    """Adaptive KL coefficient β (step eq 6-7, after Ziegler et al. 2019), one update per learner step.
 
-    e_t = clip(KL / KL_target − 1, −0.2, 0.2);  β_{t+1} = β_t (1 + e_t · n_steps / horizon).
-    The step paper's K_β (0.2) is n_steps / horizon. `target=None` keeps β fixed.
+    e_t = clip(KL_t / KL_target − 1, −clip, clip)   (step eq 6)
+    β_{t+1} = β_t (1 + K_β e_t)                     (step eq 7; the paper's K_β = 0.2)
+
+    At a KL far above target β grows by (1 + 0.2 K_β) per step: ×2.2 in 20 steps at K_β = 0.2, so it answers
+    within tens of steps. Ziegler's per-sample form K_β = n_samples / horizon with horizon 10 000 moved β by
+    0.002 % per step here (one update per batch of a few rows), i.e. never. `target=None` keeps β fixed.
     """
 
-    def __init__(self, init_beta: float, target: float | None, horizon: float = 10_000.0, clip: float = 0.2) -> None:
-        if init_beta < 0 or horizon <= 0 or clip <= 0 or (target is not None and target <= 0):
-            raise ValueError(f"AdaptiveKLController: bad args beta={init_beta}, target={target}, horizon={horizon}")
+    def __init__(self, init_beta: float, target: float | None, rate: float = 0.2, clip: float = 0.2) -> None:
+        if init_beta < 0 or not 0 < rate <= 1 or clip <= 0 or (target is not None and target <= 0):
+            raise ValueError(f"AdaptiveKLController: bad args beta={init_beta}, target={target}, rate={rate}")
         self.beta = float(init_beta)
         self.target = target
-        self.horizon = float(horizon)
+        self.rate = float(rate)
         self.clip = float(clip)
 
-    def update(self, kl: float, n_steps: int = 1) -> float:
-        """Feed the measured KL of the last `n_steps` samples; returns the new β."""
+    def update(self, kl: float) -> float:
+        """Feed the KL measured in the last step; returns the new β."""
+        if not math.isfinite(kl):
+            raise ValueError(f"AdaptiveKLController.update: KL must be finite, got {kl}")
         if self.target is None:
             return self.beta
         e = float(np.clip(kl / self.target - 1.0, -self.clip, self.clip))  # step eq 6
-        self.beta *= 1.0 + e * n_steps / self.horizon  # step eq 7
+        self.beta *= 1.0 + self.rate * e  # step eq 7
         return self.beta
 
     def state_dict(self) -> dict[str, float | None]:
-        return {"beta": self.beta, "target": self.target, "horizon": self.horizon, "clip": self.clip}
+        return {"beta": self.beta, "target": self.target, "rate": self.rate, "clip": self.clip}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.beta = float(state["beta"])
         self.target = None if state.get("target") is None else float(state["target"])
-        self.horizon = float(state.get("horizon", self.horizon))
+        self.rate = float(state.get("rate", self.rate))  # checkpoints of the per-sample form carry no rate
         self.clip = float(state.get("clip", self.clip))
 
 

@@ -80,6 +80,10 @@ class EpisodeRequest(BaseModel):
     """Policy version the controller expected when dispatching (a hint for logs; the served version wins)."""
     max_turns: int | None = Field(default=None, ge=1)
     """Override of `simulator.max_turns` for this episode."""
+    group_id: str = Field(default="", max_length=200)
+    """GRPO group (workers/groups.py): the G requests of one (persona, scenario instance, seed) share it."""
+    sample_index: int = Field(default=0, ge=0)
+    """Place in the group: offsets the agents' sampling seeds, so members are different draws of the policy."""
 
 
 class WeightsAnnouncement(BaseModel):

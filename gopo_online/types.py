@@ -42,11 +42,25 @@ class Skill(Record):
     """Action tags this skill permits; empty means it does not restrict the action tag."""
 
 
+class GrammarRef(Record):
+    """What a constrained decode was constrained by, compact enough for the wire: the learner rebuilds the same
+    grammar from it and applies the same allowed-token mask when it scores the completion again."""
+
+    kind: Literal["expert_skills", "cs_action"]
+    """`expert_skills`: `gopo_online.skills.expert_grammar(choices, max_items)`; `cs_action`:
+    `gopo_online.serving.agents.cs_grammar(choices)`."""
+    choices: tuple[str, ...] = Field(min_length=1)
+    """The skill pool (expert) or the allowed action tags (CS), in the order given to the grammar."""
+    max_items: int = Field(default=0, ge=0)
+    """Expert: the most skills the grammar admits; 0 for the CS grammar."""
+
+
 class Generation(Record):
     """One completion sampled from a served policy, with what the learner needs to score it again.
 
     Token ids come from vLLM (`return_token_ids`), never from re-tokenising text. `logprobs` are vLLM's
-    raw sampled-token logprobs: after any grammar mask and before temperature (DESIGN §5).
+    sampled-token logprobs after any grammar mask and after the temperature (`--logprobs-mode
+    processed_logprobs`): log π of the policy that sampled.
     """
 
     prompt_token_ids: tuple[int, ...]
@@ -60,6 +74,8 @@ class Generation(Record):
     temperature: float = Field(ge=0.0)
     latency_s: float = Field(ge=0.0)
     finish_reason: str | None = None
+    grammar: GrammarRef | None = None
+    """The grammar the decode was constrained by (None: unconstrained, every token allowed)."""
 
     @model_validator(mode="after")
     def _lengths(self) -> Generation:
@@ -207,6 +223,8 @@ class Trajectory(Record):
     scenario_id: str
     persona_id: str
     persona_group: str = ""
+    group_id: str = ""
+    """GRPO group: the G rollouts of one (persona, scenario instance, simulator seed) share it; '' = no group."""
     """Group label for per-group tables (e.g. cooperation level or extrinsic demand)."""
     seed: int | None = None
     turns: tuple[Turn, ...] = ()

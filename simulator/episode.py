@@ -28,7 +28,7 @@ import json
 import re
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from gopo_online.config import GopoConfig
@@ -121,6 +121,7 @@ def _rewards(
     judge: JudgeScores | None,
     compliance: Compliance,
     single_agent: bool,
+    distance: float | None = None,
 ) -> TurnRewards | None:
     """TurnRewards of gopo eq 10, or None when the judge gave no usable verdict (recorded as judge.ok=False)."""
     if judge is None or not judge.ok or any(d not in judge.scores for d in cfg.judge.dimensions):
@@ -136,7 +137,9 @@ def _rewards(
             r_expert=0.0, r_cs=r_a, w_expert=0.0, w_cs=1.0, joint=r_a, process=proc, compliance=compliance.score
         )
     r_e = esndcg(skills, teacher)  # gopo eq 6
-    return joint_reward(r_e, r_a, turn, cfg.rewards).to_turn_rewards(process=proc, compliance=compliance.score)
+    return joint_reward(r_e, r_a, turn, cfg.rewards).to_turn_rewards(
+        process=proc, compliance=compliance.score, skill_distance=distance
+    )
 
 
 def _judge_reply(
@@ -173,12 +176,16 @@ def play_episode(
     worker: str = "",
     max_turns: int | None = None,
     on_turn: Callable[[Turn], None] | None = None,
+    agent_seed_offset: int = 0,
+    skill_distance: Callable[[str, Sequence[str]], float] | None = None,
 ) -> Trajectory:
     """Play one episode and return its Trajectory (status "error" with the turns so far on any failure).
 
     `seed` derives every per-call seed (simulator, agents via `DialogueState.seed`). `tse_source` picks which
     task-completion signal counts (see simulator.scenarios). `max_turns` overrides `cfg.simulator.max_turns`.
     `judge=None` records no judge verdict and no rewards. `on_turn` is called with each finished Turn (progress).
+    `agent_seed_offset` shifts only the agents' seeds (a GRPO group's members, workers/groups.py);
+    `skill_distance(reply, skill descriptions)` fills `TurnRewards.skill_distance` (gopo eq 9c) when given.
     """
     inst = scenario_instance
     fam = inst.scenario
@@ -269,7 +276,8 @@ def play_episode(
                 action_tags=fam.action_tags,
                 business_context=inst.business_context(),
                 tasks_done=tuple(done),
-                seed=seed * 100_003 + t * 101 + 1,
+                # the agents' seeds: a GRPO group's members share `seed` and differ here (workers/groups.py)
+                seed=seed * 100_003 + t * 101 + 1 + agent_seed_offset * 7_919,
             )
             user_texts.append(utterance)
             stage = "teacher"
@@ -303,7 +311,11 @@ def play_episode(
             verdict = _judge_reply(judge, cs_state, reply, action, inst, compliance)
             timings["judge"] = time.monotonic() - t_s
             stage = "rewards"
-            rewards = _rewards(cfg, t, skills, teach, verdict, compliance, expert is None)
+            # d(a^A, a^E) of gopo eq 9c: the reply against the chosen skills' descriptions
+            dist = None
+            if skill_distance is not None and expert is not None:
+                dist = skill_distance(reply, [fam.skill(s).description for s in skills])
+            rewards = _rewards(cfg, t, skills, teach, verdict, compliance, expert is None, dist)
             rule_pending = {task for task in TASK_IDS if detect_task(inst, task, reply, action, utterance)}
             turn = Turn(
                 index=t,

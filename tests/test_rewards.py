@@ -240,16 +240,30 @@ def test_understanding_generation_tod_hand_values():
 def test_kl_shaped_reward_and_adaptive_controller():
     assert kl_shaped_reward(1.0, 2.0, 0.1) == pytest.approx(0.8)  # 1 - 0.1 * 2
     np.testing.assert_allclose(kl_shaped_reward([1.0, 0.0], [0.0, 1.0], 0.5), [1.0, -0.5])
-    c = AdaptiveKLController(init_beta=0.1, target=0.1, horizon=10)
-    # KL = 0.2: e = clip(0.2/0.1 - 1, ±0.2) = 0.2; β = 0.1 (1 + 0.2 * 1/10) = 0.102
-    assert c.update(0.2) == pytest.approx(0.102)
-    assert c.update(0.1) == pytest.approx(0.102)  # on target: unchanged
-    # KL = 0: e = -0.2; β = 0.102 * (1 - 0.2 * 5/10) = 0.0918
-    assert c.update(0.0, n_steps=5) == pytest.approx(0.0918)
+    c = AdaptiveKLController(init_beta=0.1, target=0.1, rate=0.5)
+    # KL = 0.2: e = clip(0.2/0.1 - 1, ±0.2) = 0.2; β = 0.1 (1 + 0.5 * 0.2) = 0.11 (step eq 7)
+    assert c.update(0.2) == pytest.approx(0.11)
+    assert c.update(0.1) == pytest.approx(0.11)  # on target: unchanged
+    # KL = 0: e = -0.2; β = 0.11 * (1 - 0.5 * 0.2) = 0.099
+    assert c.update(0.0) == pytest.approx(0.099)
     d = AdaptiveKLController(init_beta=1.0, target=1.0)
     d.load_state_dict(c.state_dict())
     assert d.state_dict() == c.state_dict()
     assert AdaptiveKLController(0.05, target=None).update(100.0) == 0.05  # fixed β
+
+
+def test_adaptive_kl_beta_responds_within_tens_of_steps_at_the_production_defaults():
+    """Defect: β was updated with n_steps=1 against horizon 10 000, 0.05 -> 0.051 after 1000 steps at 50x target."""
+    from gopo_online.config import LearnerConfig
+
+    lc = LearnerConfig()
+    c = AdaptiveKLController(lc.kl_coef, lc.kl_target)  # the learner's construction, production defaults
+    betas = [c.update(50 * lc.kl_target) for _ in range(30)]
+    assert betas[19] > 2 * lc.kl_coef  # doubled within 20 steps at 50x the target KL
+    assert all(b2 > b1 for b1, b2 in zip(betas, betas[1:], strict=False))
+    for _ in range(60):  # and comes back down when the KL collapses
+        b = c.update(0.0)
+    assert b < lc.kl_coef
 
 
 # ---- returns and advantages -----------------------------------------------------------------------------------------

@@ -4,8 +4,11 @@ Pure functions over `Trajectory` records and numbers; the math itself lives in `
 (ESNDCG, joint reward eq 10, GRPO baseline, GAE, InteractCS hybrid eq 5). Results are keyed by
 (index of the trajectory in the given list, 1-based turn index), the keys `trainer.collate` uses.
 
-Groups: GRPO-style baselines compare episodes of the same (scenario, persona group). A batch of 4 episodes
-rarely holds two of a kind, so every group with fewer than 2 episodes is merged into one batch-wide group.
+Groups: GRPO-style baselines compare rollouts of the same situation. The controller dispatches G rollouts of one
+(persona, scenario instance, simulator seed) with one `Trajectory.group_id` (`workers/groups.py`); those are the
+groups. Trajectories without a group id fall back to (scenario_id, persona_group), which only groups anything for
+hand-made data: scenario_id is the unique instance id. A group with fewer than 2 members in the batch (the
+rest of it is in another batch, or it never was one) joins one batch-wide group, a batch-mean baseline.
 """
 
 from __future__ import annotations
@@ -57,11 +60,11 @@ def turn_signals(trajs: Sequence[Trajectory], rewards_cfg) -> dict[Key, TurnSign
 
 
 def episode_groups(trajs: Sequence[Trajectory]) -> list[list[int]]:
-    """Trajectory indices grouped by (scenario, persona group); singletons merged into one group."""
-    by: dict[tuple[str, str], list[int]] = defaultdict(list)
+    """Trajectory indices grouped by group id (else (scenario, persona group)); singletons merged into one group."""
+    by: dict[tuple[str, ...], list[int]] = defaultdict(list)
     for i, t in enumerate(trajs):
         if t.status == "ok":
-            by[(t.scenario_id, t.persona_group)].append(i)
+            by[("group", t.group_id) if t.group_id else ("scenario", t.scenario_id, t.persona_group)].append(i)
     groups = [g for g in by.values() if len(g) >= 2]
     rest = sorted(i for g in by.values() if len(g) < 2 for i in g)
     if rest:
@@ -93,6 +96,13 @@ def _normalise(adv: dict[Key, float]) -> dict[Key, float]:
     return {k: float((a - v.mean()) / (std + 1e-6)) if std > 0 else 0.0 for k, a in adv.items()}
 
 
+def _centred(rows: list[list[float]]) -> list[list[float]]:
+    """x − mean over all turns of the group: a per-turn reward as a baseline-free signal of its group."""
+    flat = [x for r in rows for x in r]
+    mean = float(np.mean(flat)) if flat else 0.0
+    return [[x - mean for x in r] for r in rows]
+
+
 def compute_advantages(
     trajs: Sequence[Trajectory],
     mode: str,
@@ -102,16 +112,19 @@ def compute_advantages(
     cost_lambda: float = 0.0,
     values: Mapping[Key, float] | None = None,
 ) -> Advantages:
-    """Â^E and Â^A for every trainable turn.
+    """Â^E and Â^A for every trainable turn. Both agents learn from the joint reward R_t (gopo eq 10: "propagated
+    back to both agents"), so w^E_t / w^A_t shape both.
 
-    Expert (gopo eq 7), on the joint reward R_t:
+    Expert (gopo eq 7):
       grpo   — per group, R_t normalised over all the group's turns (process-supervised GRPO, Shao et al.
                2024), then Â_t = Σ_{k≥t} γ^{k−t} r̃_k (the Expert plans for the rest of the dialogue);
       gae    — GAE(γ, λ) with the critic's `values` (V = 0 after the last turn), normalised over the batch;
-      hybrid — InteractCS eq 5 with the joint reward as the process term: Norm(R^o)_i + w_p R_t.
-    CS (gopo eq 9b), on R^A:
-      grpo/gae — R^A_t normalised per group (the baseline of eq 9b's REINFORCE);
-      hybrid   — InteractCS eq 5: w_o Norm(R^o)_i + w_p R^p_t − λ c_t (R^p = the judge's process reward).
+      hybrid — InteractCS eq 5 with the joint reward as the process term: w_o Norm(R^o)_i + w_p (R_t − R̄_g).
+    CS (gopo eq 9b, with R_t in place of R^A_t):
+      grpo/gae — R_t normalised per group: the reply is judged by its turn's joint reward against the group's;
+      hybrid   — InteractCS eq 5: w_o Norm(R^o)_i + w_p (R_t − R̄_g) + w_p (R^p_t − R̄^p_g) − λ c_t, R^p = the
+                 judge's principle reward (InteractCS eq 6); both process terms centred on their group mean, so
+                 the process reward shapes the comparison instead of raising every sample.
     The cost penalty λ·c_t (PID-Lagrangian, InteractCS eq 7-8) is charged to the CS agent, whose action tag
     causes the cost; pass cost_lambda = 0 to disable it.
     """
@@ -141,24 +154,24 @@ def compute_advantages(
         keys = [k for i in g for k in rows[i]]
         if mode == "hybrid":
             outcomes = [_outcome(trajs[i]) for i in g]
-            joint = [[sig[k].joint for k in rows[i]] for i in g]
-            proc = [[sig[k].process for k in rows[i]] for i in g]
+            joint = _centred([[sig[k].joint for k in rows[i]] for i in g])
+            proc = _centred([[sig[k].process for k in rows[i]] for i in g])
+            cs_proc = [[j + p for j, p in zip(jr, pr, strict=True)] for jr, pr in zip(joint, proc, strict=True)]
             costs = [[sig[k].cost for k in rows[i]] for i in g]
             zero = [[0.0] * len(rows[i]) for i in g]
             w_o, w_p = rewards_cfg.outcome_weight, rewards_cfg.process_weight
             ae = R.hybrid_advantages(outcomes, joint, zero, 0.0, w_o, w_p)  # InteractCS eq 5, no cost term
-            ac = R.hybrid_advantages(outcomes, proc, costs, cost_lambda, w_o, w_p)  # InteractCS eq 5
+            ac = R.hybrid_advantages(outcomes, cs_proc, costs, cost_lambda, w_o, w_p)  # InteractCS eq 5
             for i, e_row, c_row in zip(g, ae, ac, strict=True):
                 for k, x, y in zip(rows[i], e_row, c_row, strict=True):
                     a_e[k], a_cs[k] = float(x), float(y)
             continue
+        norm = R.grpo_advantages([sig[k].joint for k in keys])  # gopo eq 10's R_t against the group's
+        flat = dict(zip(keys, norm, strict=True))
         if mode == "grpo":
-            norm = R.grpo_advantages([sig[k].joint for k in keys])
-            flat = dict(zip(keys, norm, strict=True))
             for i in g:
                 ret = R.discounted_returns([flat[k] for k in rows[i]], gamma)
                 a_e.update({k: float(x) for k, x in zip(rows[i], ret, strict=True)})
-        cs = R.grpo_advantages([sig[k].r_cs for k in keys])
-        for k, x in zip(keys, cs, strict=True):
-            a_cs[k] = float(x) - cost_lambda * sig[k].cost  # InteractCS eq 7: Lagrangian cost penalty
+        for k in keys:
+            a_cs[k] = float(flat[k]) - cost_lambda * sig[k].cost  # InteractCS eq 7: Lagrangian cost penalty
     return Advantages(a_e, a_cs, targets, sig)

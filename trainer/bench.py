@@ -38,7 +38,7 @@ def bench_learner(cfg: GopoConfig, steps: int = 3, episodes: int = 4, turns: int
             setup_s = time.perf_counter() - t0
             times = []
             for s in range(steps):
-                batch = [make_trajectory(tok, s * episodes + e, n_turns=turns, seed=s) for e in range(episodes)]
+                batch = [make_trajectory(tok, s * episodes + e, turns, seed=s, grammar=True) for e in range(episodes)]
                 t = time.perf_counter()
                 learner.step(batch)
                 times.append(time.perf_counter() - t)

@@ -15,9 +15,20 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gopo_online.types import Generation, Trajectory
+from gopo_online.types import Generation, GrammarRef, Trajectory
 
-__all__ = ["AGENTS", "CollateResult", "MicroBatch", "TurnSample", "collate", "drop_errors", "split_fresh", "samples"]
+__all__ = [
+    "AGENTS",
+    "CollateResult",
+    "MicroBatch",
+    "Rejected",
+    "TurnSample",
+    "collate",
+    "drop_errors",
+    "samples",
+    "split_fresh",
+    "split_versions",
+]
 
 AGENTS = ("expert", "cs")
 AdvKey = tuple[int, int]
@@ -29,16 +40,48 @@ def split_fresh(trajs: Iterable[Trajectory], current_version: int, max_staleness
 
     A trajectory's age is `current_version − min_policy_version` (its OLDEST generation decides: every
     token of it must be within the importance-ratio budget). One with no recorded generation has no
-    version and is kept here; `collate` skips its turns and counts them.
+    version and is kept here; `collate` skips its turns and counts them. A trajectory with a generation from
+    a version the learner has not published yet (negative age) is not counted here: `split_versions` drops it.
     """
-    fresh, dropped = [], 0
+    fresh, dropped, _ = split_versions(trajs, current_version, max_staleness)
+    return fresh, dropped
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A trajectory the learner will not train on, and why (`stale` or `future_version`)."""
+
+    episode_id: str
+    reason: str
+    detail: str
+
+
+def split_versions(
+    trajs: Iterable[Trajectory], current_version: int, max_staleness: int
+) -> tuple[list[Trajectory], int, list[Rejected]]:
+    """(kept, stale count, rejected future-version trajectories).
+
+    Stale: age = current_version − min_policy_version > max_staleness. Future: some generation's policy
+    version is above `current_version` (negative age): no published weights produced it, so its logprobs
+    belong to no policy the learner knows (a restarted learner, a foreign run on the same broker) and an
+    importance ratio against them is meaningless. Both are dropped; the future ones come back with a reason.
+    """
+    fresh, dropped, future = [], 0, []
     for t in trajs:
-        v = t.min_policy_version
-        if v is not None and current_version - v > max_staleness:
+        versions = [g.policy_version for turn in t.turns for g in (turn.expert_gen, turn.cs_gen) if g is not None]
+        if versions and max(versions) > current_version:
+            future.append(
+                Rejected(
+                    t.episode_id,
+                    "future_version",
+                    f"policy version {max(versions)} > learner version {current_version}",
+                )
+            )
+        elif versions and current_version - min(versions) > max_staleness:
             dropped += 1
         else:
             fresh.append(t)
-    return fresh, dropped
+    return fresh, dropped, future
 
 
 def drop_errors(trajs: Iterable[Trajectory]) -> tuple[list[Trajectory], int]:
@@ -62,6 +105,10 @@ class TurnSample:
     """R^E_t (recorded ESNDCG) for the Expert, R^A_t (judge) for the CS agent."""
     skill_distance: float | None
     cost: float
+    temperature: float = 1.0
+    """Sampling temperature the completion was drawn at (its logprobs are tempered by it)."""
+    grammar: GrammarRef | None = None
+    """The grammar that constrained the decode (None: unconstrained)."""
 
 
 def _gen(turn, agent: str) -> Generation | None:
@@ -92,6 +139,8 @@ def samples(trajs: Sequence[Trajectory], agent: str) -> tuple[list[TurnSample], 
                     reward=r.r_expert if agent == "expert" else r.r_cs,
                     skill_distance=r.skill_distance,
                     cost=turn.cost,
+                    temperature=g.temperature,
+                    grammar=g.grammar,
                 )
             )
     return out, skipped
@@ -118,7 +167,7 @@ class MicroBatch:
     completion_mask: torch.Tensor
     """(B, K) fp32, 1 on completion tokens."""
     old_logprobs: torch.Tensor
-    """(B, K) fp32, vLLM's recorded raw logprobs (0 off the mask)."""
+    """(B, K) fp32, vLLM's recorded logprobs, masked and tempered (0 off the mask)."""
     state_index: torch.Tensor
     """(B,) int64: position of the last prompt token (the state s_t a critic reads)."""
     versions: torch.Tensor
@@ -133,6 +182,15 @@ class MicroBatch:
     """(B,) fp32 operational cost of the turn."""
     advantages: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     """(B,) fp32 one advantage per sequence (filled from the `advantages` mapping, or later)."""
+    temperatures: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    """(B,) fp32 sampling temperature of each completion (the recorded logprobs are tempered by it)."""
+    grammars: list[GrammarRef | None] = field(default_factory=list)
+    """Per row: the grammar that constrained the decode, None where unconstrained."""
+    completions: list[tuple[int, ...]] = field(default_factory=list)
+    """Per row: the completion token ids (unpadded), what the grammar replay walks."""
+    allowed: torch.Tensor | None = None
+    """(B, K, V) bool admitted tokens per completion position, set by the learner (`trainer.grammar`);
+    None = every token allowed. Padding positions allow everything."""
 
     @property
     def size(self) -> int:
@@ -181,6 +239,9 @@ def _pad(rows: list[TurnSample], agent: str, pad_id: int, advantages: Mapping[Ad
         skill_distance=torch.tensor([r.skill_distance or 0.0 for r in rows], dtype=torch.float32),
         has_distance=torch.tensor([r.skill_distance is not None for r in rows], dtype=torch.float32),
         costs=torch.tensor([r.cost for r in rows], dtype=torch.float32),
+        temperatures=torch.tensor([r.temperature for r in rows], dtype=torch.float32),
+        grammars=[r.grammar for r in rows],
+        completions=[r.completion_ids for r in rows],
     )
     if advantages is not None:
         mb.set_advantages(advantages)

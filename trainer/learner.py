@@ -1,6 +1,9 @@
 """The DeepSpeed learner: consumes trajectory batches, updates the Expert and CS policies, pushes weights.
 
-Read `Learner.setup`, `Learner.step`, `Learner.cleanup` top to bottom. Two policies (DESIGN §1):
+Read `Learner.setup`, `Learner.step`, `Learner.cleanup` top to bottom. `step` runs five phases, each a method:
+drop stale / future / error episodes (`_admit`, `_collate`), reference pass, rewards and advantages, policy pass,
+optimizer step (then pushes and checkpoints, `_bookkeeping`), and returns a `trainer.stats.StepStats`.
+Two policies (DESIGN §1):
 - finetune = "lora" (one-machine default): ONE base model with two LoRA adapters, `expert` and `cs`, in
   one DeepSpeed engine (one optimizer over both adapters; Adam is per-parameter, so this equals two
   optimizers except that gradient clipping sees the joint norm). The base with adapters disabled is the
@@ -10,7 +13,8 @@ Read `Learner.setup`, `Learner.step`, `Learner.cleanup` top to bottom. Two polic
 Off-policy correction (see `trainer/losses.py` for which log π): a row produced by the weights the
 learner holds right now (its version is the current one and no step was taken since the last push) is
 on-policy: its old log π is the learner's own detached log π, ratio exactly 1, vanilla policy gradient.
-Any other row is off-policy and is clipped against vLLM's recorded raw logprobs.
+Any other row is off-policy and is clipped against vLLM's recorded logprobs, which are the same quantity: both
+are scored over the grammar's admitted tokens at the sampling temperature (`trainer/grammar.py`, `score`).
 
 Values of the GAE critic: a linear head on the REFERENCE model's last hidden state at the last prompt
 token. The reference pass is needed anyway (KL), its features do not drift, and the critic's MSE never
@@ -26,8 +30,9 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +44,10 @@ from gopo_online.events import Key
 from gopo_online.metrics_log import MetricsLogger
 from gopo_online.trajectory_store import TrajectoryStore
 from gopo_online.types import Trajectory
-from trainer.collate import AGENTS, MicroBatch, collate, drop_errors, split_fresh
+from trainer.collate import AGENTS, CollateResult, MicroBatch, collate, drop_errors, split_versions
+from trainer.stats import AgentStats, StepStats
 
-__all__ = ["Learner", "main"]
+__all__ = ["Learner", "behaviour_logprobs", "group_batch", "main", "score"]
 
 PublishFn = Callable[[int, dict[str, Path]], Any]
 """publish(version, {"expert": dir, "cs": dir}): hands exported weights to the weight transport."""
@@ -106,6 +112,46 @@ def _forward(model, mb: MicroBatch, hidden: bool = False):
     return out.logits[:, :-1], (out.hidden_states[-1] if hidden else None)
 
 
+def score(model, mb: MicroBatch, hidden: bool = False):
+    """(log π (B, K) of the sampled tokens, per-position entropy (B, K), last hidden state or None) under `model`,
+    scored as the sampler scored them: masked to the grammar's admitted tokens (`mb.allowed`), at each row's
+    recorded temperature (trainer/losses.py)."""
+    from trainer.losses import entropy_from_logits, scored_logits, token_logprobs
+
+    logits, h = _forward(model, mb, hidden=hidden)
+    z = scored_logits(logits, mb.allowed, mb.temperatures)
+    del logits
+    return token_logprobs(z, mb.targets), entropy_from_logits(z), h
+
+
+def behaviour_logprobs(logp, mb: MicroBatch, version: int, steps_since_push: int):
+    """(B, K) log π_old of the importance ratio: the learner's own detached log π for rows sampled by exactly the
+    weights it holds (their version is the last pushed one and no step was taken since: ratio exactly 1), else
+    the recorded logprobs (scored the same way, see trainer/losses.py)."""
+    import torch
+
+    if steps_since_push == 0:
+        on_policy = (mb.versions == version).unsqueeze(-1)
+    else:  # a step since the push: no row was sampled by the current weights
+        on_policy = torch.zeros((mb.size, 1), dtype=torch.bool)
+    return torch.where(on_policy, logp.detach(), mb.old_logprobs)
+
+
+def _accumulate(sums: dict[str, float], mb: MicroBatch, logp, res, kl, w: float) -> None:
+    """Add one micro-batch's row-weighted contributions to an agent's `AgentStats` fields (named as the fields)."""
+    mask = mb.completion_mask
+    n_tok = mask.sum().clamp_min(1.0)
+    forced = ((mb.allowed.sum(-1) == 1).float() * mask).sum() / n_tok if mb.allowed is not None else 0.0
+    gap = ((logp.detach() - mb.old_logprobs).abs() * mask).sum() / n_tok  # |log π_new − recorded log π_old|
+    for key, value in (
+        ("loss", res.loss), ("pg", res.pg), ("entropy", res.entropy), ("kl", kl.mean()), ("clip_frac", res.clipped),
+        ("ratio_mean", res.ratio.mean()), ("adv_mean", mb.advantages.mean()), ("logprob_gap", gap),
+        ("forced_frac", forced),
+    ):  # fmt: skip
+        x = value.detach().item() if hasattr(value, "detach") else float(value)
+        sums[key] = sums.get(key, 0.0) + x * w
+
+
 def _rss_mb() -> float:
     import resource
 
@@ -138,6 +184,9 @@ class Learner:
         self.global_step = 0
         self.steps_since_push = 0
         self.dropped_stale_total = 0
+        self.dropped_future_total = 0
+        self.grammar_masks = None
+        """trainer.grammar.GrammarMasks when learner.grammar_mask (built in setup)."""
         self.lora = self.lc.finetune == "lora"
 
     # ------------------------------------------------------------------------------------------------------------
@@ -208,7 +257,12 @@ class Learner:
         torch.nn.init.zeros_(self.critic.weight)
         torch.nn.init.zeros_(self.critic.bias)
         self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=CRITIC_LR)
-        self.kl_ctl = {a: AdaptiveKLController(self.lc.kl_coef, self.lc.kl_target) for a in AGENTS}
+        self.kl_ctl = {a: AdaptiveKLController(self.lc.kl_coef, self.lc.kl_target, self.lc.kl_rate) for a in AGENTS}
+        if self.lc.grammar_mask:
+            from trainer.grammar import GrammarMasks
+
+            # the logits' width (vLLM sizes its xgrammar bitmask by the model's vocab_size too)
+            self.grammar_masks = GrammarMasks(self.tokenizer, modules[next(iter(modules))].config.vocab_size)
         self.pid = PIDLagrangian.from_config(self.cfg.rewards)
 
         # 5. resume, then make the servers serve exactly what the learner holds
@@ -257,136 +311,156 @@ class Learner:
             yield self.ref_model
 
     # ------------------------------------------------------------------------------------------------------------
-    # step
+    # step: drop stale/error -> reference pass -> rewards and advantages -> policy pass -> optimizer step
     # ------------------------------------------------------------------------------------------------------------
 
-    def step(self, trajectories: Iterable[Trajectory]) -> dict[str, float]:
-        """One update of both policies on one batch. Returns namespaced metrics."""
-        import torch
-
-        from trainer.advantages import compute_advantages
-        from trainer.losses import cs_loss, entropy_from_logits, expert_loss, kl_penalty, token_logprobs
-
+    def step(self, trajectories: Iterable[Trajectory]) -> StepStats:
+        """One update of both policies on one batch. Returns the step's metrics (`StepStats`, a mapping)."""
         t0 = time.perf_counter()
-        lc = self.lc
-        m: dict[str, float] = {}
+        st = StepStats(agents={a: AgentStats() for a in AGENTS})
+        ok = self._admit(trajectories, st)
+        col = self._collate(ok, st)
+        if any(col.n_rows.values()):
+            ref_logp, features = self._reference_pass(col, st)
+            adv = self._rewards_and_advantages(ok, col, features, st)
+            self._policy_pass(col, ref_logp, st)
+            self._optimizer_step(features, adv, st)
+            self._bookkeeping(st)
+        st.version = self.version
+        st.step_time_s = time.perf_counter() - t0
+        st.peak_rss_mb = _rss_mb()
+        return st
 
-        # 1. drop stale (counted) and error episodes
-        fresh, dropped = split_fresh(trajectories, self.version, lc.max_staleness)
+    def _admit(self, trajectories: Iterable[Trajectory], st: StepStats) -> list[Trajectory]:
+        """Phase 1: drop stale (counted), future-version (rejected with a reason) and error episodes."""
+        fresh, dropped, future = split_versions(trajectories, self.version, self.lc.max_staleness)
+        for r in future:
+            self.log(f"[learner] rejected episode {r.episode_id}: {r.reason}: {r.detail}")
         ok, n_err = drop_errors(fresh)
         self.dropped_stale_total += dropped
-        m.update({"learner/dropped_stale": dropped, "learner/dropped_stale_total": self.dropped_stale_total})
-        m.update({"learner/error_episodes": n_err, "learner/episodes": len(ok), "learner/version": self.version})
+        self.dropped_future_total += len(future)
+        st.dropped_stale, st.dropped_stale_total = dropped, self.dropped_stale_total
+        st.dropped_future, st.dropped_future_total = len(future), self.dropped_future_total
+        st.error_episodes, st.episodes, st.version = n_err, len(ok), self.version
         trained = [t.min_policy_version for t in ok if t.min_policy_version is not None]
         if trained:
-            m["learner/trained_version"] = min(trained)  # oldest policy version this update learns from
-        col = collate(ok, lc.micro_batch_turns, self.pad_id)
+            st.trained_version = min(trained)
+        return ok
+
+    def _collate(self, ok: list[Trajectory], st: StepStats) -> CollateResult:
+        """Rows per agent, with the grammar's admitted-token sets of every constrained completion."""
+        col = collate(ok, self.lc.micro_batch_turns, self.pad_id)
         for a in AGENTS:
-            m[f"learner/rows_{a}"] = col.n_rows[a]
-            m[f"learner/skipped_turns_{a}"] = col.skipped_turns[a]
-        if not any(col.n_rows.values()):
-            m["sys/step_time_s"] = time.perf_counter() - t0
-            return m
+            s = st.agents[a]
+            s.rows, s.skipped_turns = col.n_rows[a], col.skipped_turns[a]
+            if self.grammar_masks is None:
+                continue
+            s.grammar_mismatch = 0
+            for mb in col.batches[a]:
+                mb.allowed, bad = self.grammar_masks.batch_allowed(mb.grammars, mb.completions, mb.n_completion)
+                s.grammar_mismatch += bad
+        return col
 
-        # 2. cost multiplier λ from this batch's cost rate (PID-Lagrangian, InteractCS eq 7-8)
-        cost_rate = float(np.mean([t.total_cost for t in ok]))
-        lam = self.pid.update(cost_rate) if lc.use_cost_penalty else 0.0
-        m.update({"reward/cost_rate": cost_rate, "learner/cost_lambda": lam})
+    def _reference_pass(self, col: CollateResult, st: StepStats):
+        """Phase 2 (no grad): reference log π for the KL, critic features (GAE) at each Expert state."""
+        import torch
 
-        # 3. reference pass (no grad): reference log π for the KL, critic features for GAE
         t_ref = time.perf_counter()
         ref_logp: dict[int, torch.Tensor] = {}
         features: dict[tuple[int, int], torch.Tensor] = {}
         with torch.no_grad(), self._reference() as ref:
             for a in AGENTS:
                 for mb in col.batches[a]:
-                    want_h = a == "expert" and lc.advantage == "gae"
-                    logits, h = _forward(ref, mb, hidden=want_h)
-                    ref_logp[id(mb)] = token_logprobs(logits, mb.targets)
+                    want_h = a == "expert" and self.lc.advantage == "gae"
+                    ref_logp[id(mb)], _, h = score(ref, mb, hidden=want_h)
                     if want_h:
                         feats = h[torch.arange(mb.size), mb.state_index].float()
                         features.update(zip(mb.keys, feats, strict=True))
-        m["sys/ref_time_s"] = time.perf_counter() - t_ref
+        st.ref_time_s = time.perf_counter() - t_ref
+        return ref_logp, features
 
-        # 4. rewards and advantages from the recorded components (joint reward eq 10 under the current schedule)
+    def _rewards_and_advantages(self, ok: list[Trajectory], col: CollateResult, features, st: StepStats):
+        """Phase 3: cost multiplier λ (PID-Lagrangian, InteractCS eq 7-8), joint rewards (gopo eq 10) and each
+        row's advantage; the skill distance is centred here (its REINFORCE baseline)."""
+        import torch
+
+        from trainer.advantages import compute_advantages, episode_groups
+
+        lc = self.lc
+        st.cost_rate = float(np.mean([t.total_cost for t in ok]))
+        st.cost_lambda = self.pid.update(st.cost_rate) if lc.use_cost_penalty else 0.0
         values = None
         if features:
             keys = list(features)
             with torch.no_grad():
                 v = self.critic(torch.stack([features[k] for k in keys])).squeeze(-1)
             values = dict(zip(keys, v.tolist(), strict=True))
-        adv = compute_advantages(ok, lc.advantage, self.cfg.rewards, lc.gamma, lc.gae_lambda, lam, values)
+        adv = compute_advantages(ok, lc.advantage, self.cfg.rewards, lc.gamma, lc.gae_lambda, st.cost_lambda, values)
+        st.groups = len(episode_groups(ok))
+        sig = list(adv.signals.values())
+        st.reward_joint = float(np.mean([s.joint for s in sig]))
+        st.reward_esndcg = float(np.mean([s.r_expert for s in sig]))
+        st.reward_cs = float(np.mean([s.r_cs for s in sig]))
+        st.reward_process = float(np.mean([s.process for s in sig]))
+        dists = [s.skill_distance for s in sig if s.skill_distance is not None]
+        d_mean = float(np.mean(dists)) if dists else 0.0
+        if dists:
+            st.reward_skill_distance = d_mean
         for a in AGENTS:
             lookup = adv.expert if a == "expert" else adv.cs
             for mb in col.batches[a]:
                 mb.set_advantages(lookup)
-        sig = list(adv.signals.values())
-        m.update(
-            {
-                "reward/joint": float(np.mean([s.joint for s in sig])),
-                "reward/esndcg": float(np.mean([s.r_expert for s in sig])),
-                "reward/cs": float(np.mean([s.r_cs for s in sig])),
-                "reward/process": float(np.mean([s.process for s in sig])),
-            }
-        )
-        dists = [s.skill_distance for s in sig if s.skill_distance is not None]
-        d_mean = float(np.mean(dists)) if dists else 0.0
-        if dists:
-            m["reward/skill_distance"] = d_mean
+                mb.skill_distance = (mb.skill_distance - d_mean) * mb.has_distance  # centred: the baseline b
+        return adv
 
-        # 5. policy pass with grad, one backward per micro-batch; each loss is weighted by its share of rows
-        on_policy_version = self.version if self.steps_since_push == 0 else None
-        sums: dict[str, float] = {}
+    def _policy_pass(self, col: CollateResult, ref_logp, st: StepStats) -> None:
+        """Phase 4: loss and backward per micro-batch (gopo eq 7 / eq 9 + β·KL), weighted by its share of rows."""
+        from trainer.losses import cs_loss, expert_loss, kl_penalty
 
-        def acc(key: str, value: float, w: float) -> None:
-            sums[key] = sums.get(key, 0.0) + value * w
-
+        lc = self.lc
         t_pol = time.perf_counter()
         for a in AGENTS:
-            n_rows = col.n_rows[a]
-            beta = self.kl_ctl[a].beta
+            sums: dict[str, float] = {}
+            n_rows, beta = col.n_rows[a], self.kl_ctl[a].beta
+            ratio_max = 0.0
             for mb in col.batches[a]:
                 w = mb.size / n_rows
-                policy = self._policy(a)
-                logits, _ = _forward(policy, mb)
-                logp = token_logprobs(logits, mb.targets)  # raw π_1, the definition vLLM recorded
-                ent = entropy_from_logits(logits)
-                del logits
+                logp, ent, _ = score(self._policy(a), mb)
                 mask = mb.completion_mask
-                on_policy = (mb.versions == on_policy_version).unsqueeze(-1)
-                logp_old = torch.where(on_policy, logp.detach(), mb.old_logprobs)
+                logp_old = behaviour_logprobs(logp, mb, self.version, self.steps_since_push)
                 kl = kl_penalty(logp, ref_logp[id(mb)], mask)  # (B,) step eq 5
                 if a == "expert":
                     res = expert_loss(logp, logp_old, mask, mb.advantages, ent, lc.entropy_alpha, lc.clip_eps)
                 else:
-                    d = (mb.skill_distance - d_mean) * mb.has_distance  # centred: the REINFORCE baseline b
                     res = cs_loss(
-                        logp, logp_old, mask, mb.advantages, d, ent, lc.lambda_p, lc.lambda_s, lc.lambda_d, lc.clip_eps
-                    )
-                    acc("loss/cs_skill", res.skill.item(), w)
-                total = res.loss + beta * kl.mean()
-                self._engine_of(a).backward(total * w, scale_wrt_gas=False)
-                acc(f"loss/{a}", res.loss.item(), w)
-                acc(f"loss/{a}_pg", res.pg.item(), w)
-                acc(f"loss/{a}_entropy", res.entropy.item(), w)
-                acc(f"loss/kl_{a}", kl.mean().item(), w)
-                acc(f"learner/clip_frac_{a}", res.clipped.item(), w)
-                acc(f"learner/ratio_{a}", res.ratio.mean().item(), w)
-                acc(f"learner/adv_{a}", mb.advantages.mean().item(), w)
-                gap = ((logp.detach() - mb.old_logprobs).abs() * mask).sum() / mask.sum().clamp_min(1.0)
-                acc(f"learner/logprob_gap_{a}", gap.item(), w)
-            if not self.lora and n_rows:
-                self.engines[a].step()
+                        logp, logp_old, mask, mb.advantages, mb.skill_distance, ent,
+                        lc.lambda_p, lc.lambda_s, lc.lambda_d, lc.clip_eps,
+                    )  # fmt: skip
+                    sums["skill"] = sums.get("skill", 0.0) + res.skill.item() * w
+                self._engine_of(a).backward((res.loss + beta * kl.mean()) * w, scale_wrt_gas=False)
+                _accumulate(sums, mb, logp, res, kl, w)
+                ratio_max = max(ratio_max, float((res.ratio * (mask if res.ratio.dim() == 2 else 1.0)).max()))
+            s = st.agents[a]
+            for key, value in sums.items():
+                setattr(s, key, value)
+            if n_rows:
+                s.ratio_max = ratio_max
+        st.policy_time_s = time.perf_counter() - t_pol
+
+    def _optimizer_step(self, features, adv, st: StepStats) -> None:
+        """Phase 5: optimizer step of the policies, the adaptive β per agent (step eq 7), the critic (GAE)."""
+        import torch
+
         if self.lora:
             self.engines["lora"].step()
-        m["sys/policy_time_s"] = time.perf_counter() - t_pol
-        m.update(sums)
-        m["loss/kl"] = sum(m.get(f"loss/kl_{a}", 0.0) for a in AGENTS)
-        for a in AGENTS:
-            if f"loss/kl_{a}" in m:
-                m[f"learner/kl_beta_{a}"] = self.kl_ctl[a].update(m[f"loss/kl_{a}"])
-
-        # 6. critic regression to the GAE returns
+        else:
+            for a in AGENTS:
+                if st.agents[a].rows:
+                    self.engines[a].step()
+        for a, s in st.agents.items():
+            if s.kl is not None:
+                s.beta = self.kl_ctl[a].update(s.kl)
+        st.kl_total = sum(s.kl for s in st.agents.values() if s.kl is not None)
         if features and adv.critic_targets:
             keys = [k for k in features if k in adv.critic_targets]
             x = torch.stack([features[k] for k in keys])
@@ -395,27 +469,25 @@ class Learner:
             self.critic_opt.zero_grad()
             v_loss.backward()
             self.critic_opt.step()
-            m["loss/critic"] = v_loss.item()
+            st.critic = v_loss.item()
 
-        # 7. bookkeeping: push every K steps (version + 1), checkpoint every K steps
+    def _bookkeeping(self, st: StepStats) -> None:
+        """Counters; push every K steps (version + 1), checkpoint every K steps."""
+        lc = self.lc
         self.global_step += 1
         self.steps_since_push += 1
-        m["learner/step"] = self.global_step
+        st.step = self.global_step
         if self.global_step % lc.push_every == 0:
             t_push = time.perf_counter()
             new_version = self.version + 1
             exported = self.export_weights(new_version)
             self.version = new_version
             self._publish(exported)
-            m["sys/push_time_s"] = time.perf_counter() - t_push
+            st.push_time_s = time.perf_counter() - t_push
         if self.global_step % lc.checkpoint_every == 0:
             t_ck = time.perf_counter()
             self.save_checkpoint()
-            m["sys/checkpoint_time_s"] = time.perf_counter() - t_ck
-        m["learner/version"] = self.version
-        m["sys/step_time_s"] = time.perf_counter() - t0
-        m["sys/peak_rss_mb"] = _rss_mb()
-        return m
+            st.checkpoint_time_s = time.perf_counter() - t_ck
 
     # ------------------------------------------------------------------------------------------------------------
     # weight export and publication
@@ -524,6 +596,7 @@ class Learner:
             "global_step": self.global_step,
             "steps_since_push": self.steps_since_push,
             "dropped_stale_total": self.dropped_stale_total,
+            "dropped_future_total": self.dropped_future_total,
             "finetune": self.lc.finetune,
             "kl": {a: c.state_dict() for a, c in self.kl_ctl.items()},
             "pid": self.pid.state_dict(),
@@ -565,6 +638,7 @@ class Learner:
         self.global_step = int(state["global_step"])
         self.steps_since_push = int(state["steps_since_push"])
         self.dropped_stale_total = int(state["dropped_stale_total"])
+        self.dropped_future_total = int(state.get("dropped_future_total", 0))
         for a, c in self.kl_ctl.items():
             c.load_state_dict(state["kl"][a])
         self.pid.load_state_dict(state["pid"])
@@ -614,7 +688,7 @@ def main(
     source: Iterable[list[Trajectory]] | None = None,
     publish: PublishFn | None = None,
     announce: AnnounceFn | None = None,
-    on_metrics: Callable[[dict[str, float]], Any] | None = None,
+    on_metrics: Callable[[Mapping[str, float]], Any] | None = None,
 ) -> int:
     """Consume batches until the run budget (max_steps / max_minutes) or Ctrl-C; checkpoint on the way out.
 
@@ -624,26 +698,55 @@ def main(
     learner/push events to the controller (events fanout). Without `publish`, and with `serving.policy.url` set,
     weights go to the live policy server through `WeightSync.publish` (one LoRA adapter per agent).
     Every event it sends (gopo_online.events) is also logged by a `MetricsLogger` to run_dir/learner_metrics.jsonl,
-    the learner's own record when no controller listens.
+    the learner's own record when no controller listens. Three parts: `_setup`, `_loop`, `_cleanup`.
     """
+    run = _setup(cfg, source, publish, announce)
+    try:
+        run.learner.setup()
+        if run.sync is not None:
+            _catch_up_with_registry(run.learner, run.sync)
+        _loop(cfg, run, on_metrics)
+    finally:
+        _cleanup(run)
+    return 0
+
+
+@dataclass
+class _Run:
+    """What `main` wires up once: the learner, where batches come from, and where acks / events / records go."""
+
+    learner: Learner
+    source: Iterable[list[Trajectory]]
+    sync: Any
+    """The run's `WeightSync` when the learner pushes to a live server itself (None when `publish` is injected)."""
+    ack: Callable[[list[str]], Any]
+    """Acks the given episodes (only what a step trained on: a batch may leave group members for the next)."""
+    emit: Callable[[Any], Any]
+    """Sends a `gopo_online.events.Event` to the controller and keeps it in the learner's own record."""
+    store: TrajectoryStore
+    closers: list[Callable[[], Any]]
+    stop: threading.Event
+    restore_sigint: Callable[[], Any]
+
+
+def _setup(
+    cfg: GopoConfig,
+    source: Iterable[list[Trajectory]] | None,
+    publish: PublishFn | None,
+    announce: AnnounceFn | None,
+) -> _Run:
     closers: list[Callable[[], Any]] = []
-    ack: Callable[[], Any] = lambda: None  # noqa: E731
+    ack: Callable[[list[str]], Any] = lambda episode_ids: None  # noqa: E731
     # SIGINT (the controller's stop, or Ctrl-C) lets the current step and its push finish, then checkpoints:
     # an interrupt in the middle of an optimizer step would checkpoint half-updated weights.
-    stop_requested = False
-
-    def request_stop(signum: int, frame: Any) -> None:
-        nonlocal stop_requested
-        stop_requested = True
-
+    stop = threading.Event()
     in_main = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
-    previous = signal.signal(signal.SIGINT, request_stop) if in_main else None
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set()) if in_main else None
     broadcast: Callable[[Any], Any] = lambda event: None  # noqa: E731
     own_log = MetricsLogger(cfg.run.run_dir, tensorboard=False, filename="learner_metrics.jsonl")
     closers.append(own_log.close)
 
     def emit(event: Any) -> None:
-        """Send an event (gopo_online.events) to the controller and keep it in the learner's own record."""
         own_log.log_event(event)
         broadcast(event)
 
@@ -658,7 +761,9 @@ def main(
     if source is None:
         consumer, announcer, events = _stream_parts(cfg)
         closers += [consumer.close, announcer.close, events.close]
-        source = _batches(consumer, cfg.learner.batch_episodes, should_stop=lambda: stop_requested)
+        source = _batches(
+            consumer, cfg.learner.batch_episodes, should_stop=stop.is_set, group_size=cfg.learner.group_size
+        )
         ack = consumer.ack
         consumer.on_dead_letter = store.dead_letter
         broadcast = _safe_emit(events)
@@ -674,41 +779,46 @@ def main(
                 emit(events_lib.push(version, latency, a["served_models"]))
 
     learner = Learner(cfg, publish=publish, announce=announce)
+    restore = (lambda: signal.signal(signal.SIGINT, previous)) if in_main else (lambda: None)
+    return _Run(learner, source, sync, ack, emit, store, closers, stop, restore)
+
+
+def _loop(cfg: GopoConfig, run: _Run, on_metrics: Callable[[Mapping[str, float]], Any] | None) -> None:
+    """One step per batch; record what became of each trajectory; ack after the step; events; stop at the budget."""
+    learner = run.learner
     t_start = time.time()
+    for batch in run.source:
+        t_step = time.perf_counter()
+        step_before, version_before = learner.global_step, learner.version
+        metrics = learner.step(batch)
+        run.store.append_batch(_outcomes(batch, version_before, cfg.learner.max_staleness), version_before)
+        run.ack([t.episode_id for t in batch])
+        if learner.global_step > step_before:
+            run.emit(events_lib.learner(metrics, learner.global_step, time.perf_counter() - t_step))
+        else:  # nothing fresh in the batch (all stale or failed): no update, but the drop counts are news
+            run.emit(events_lib.system({Key.STALE_DROPPED: metrics.get(Key.STALE_DROPPED, 0)}))
+        if on_metrics is not None:
+            on_metrics(metrics)
+        if cfg.run.max_steps is not None and learner.global_step >= cfg.run.max_steps:
+            break
+        if cfg.run.max_minutes is not None and time.time() - t_start > 60 * cfg.run.max_minutes:
+            break
+        if run.stop.is_set():
+            learner.log("[learner] stop requested; writing a checkpoint")
+            break
+
+
+def _cleanup(run: _Run) -> None:
+    """Checkpoint what was trained, free the engines, close the stream parts, give SIGINT back."""
+    learner = run.learner
     try:
-        learner.setup()
-        if sync is not None:
-            _catch_up_with_registry(learner, sync)
-        for batch in source:
-            t_step = time.perf_counter()
-            step_before, version_before = learner.global_step, learner.version
-            metrics = learner.step(batch)
-            store.append_batch(_outcomes(batch, version_before, cfg.learner.max_staleness), version_before)
-            ack()
-            if learner.global_step > step_before:
-                emit(events_lib.learner(metrics, learner.global_step, time.perf_counter() - t_step))
-            else:  # nothing fresh in the batch (all stale or failed): no update, but the drop counts are news
-                emit(events_lib.system({Key.STALE_DROPPED: metrics.get(Key.STALE_DROPPED, 0)}))
-            if on_metrics is not None:
-                on_metrics(metrics)
-            if cfg.run.max_steps is not None and learner.global_step >= cfg.run.max_steps:
-                break
-            if cfg.run.max_minutes is not None and time.time() - t_start > 60 * cfg.run.max_minutes:
-                break
-            if stop_requested:
-                learner.log("[learner] stop requested; writing a checkpoint")
-                break
+        if learner.global_step and getattr(learner, "engines", None):
+            learner.save_checkpoint()
     finally:
-        try:
-            if learner.global_step and getattr(learner, "engines", None):
-                learner.save_checkpoint()
-        finally:
-            learner.cleanup()
-            for close in closers:
-                close()
-            if in_main:
-                signal.signal(signal.SIGINT, previous)
-    return 0
+        learner.cleanup()
+        for close in run.closers:
+            close()
+        run.restore_sigint()
 
 
 def _catch_up_with_registry(learner: Learner, sync: Any) -> None:
@@ -722,14 +832,20 @@ def _catch_up_with_registry(learner: Learner, sync: Any) -> None:
 
 
 def _outcomes(batch: list[Trajectory], version: int, max_staleness: int) -> list[tuple[Trajectory, str]]:
-    """What `Learner.step` (at `version`) did with each trajectory: the same split_fresh / drop_errors it uses."""
-    fresh, _ = split_fresh(batch, version, max_staleness)
+    """What `Learner.step` (at `version`) did with each trajectory: the same split_versions / drop_errors it uses."""
+    fresh, _, future = split_versions(batch, version, max_staleness)
     ok, _ = drop_errors(fresh)
     fresh_ids, ok_ids = {t.episode_id for t in fresh}, {t.episode_id for t in ok}
-    return [
-        (t, "trained" if t.episode_id in ok_ids else "error" if t.episode_id in fresh_ids else "dropped_stale")
-        for t in batch
-    ]
+    future_ids = {r.episode_id for r in future}
+
+    def outcome(t: Trajectory) -> str:
+        if t.episode_id in ok_ids:
+            return "trained"
+        if t.episode_id in fresh_ids:
+            return "error"
+        return "rejected_future" if t.episode_id in future_ids else "dropped_stale"
+
+    return [(t, outcome(t)) for t in batch]
 
 
 def _safe_emit(events: Any) -> Callable[[Any], None]:
@@ -753,12 +869,46 @@ def _stream_parts(cfg: GopoConfig):
 
 
 def _batches(
-    consumer, batch_episodes: int, timeout_s: float = 5.0, should_stop: Callable[[], bool] = lambda: False
+    consumer,
+    batch_episodes: int,
+    timeout_s: float = 5.0,
+    should_stop: Callable[[], bool] = lambda: False,
+    group_size: int = 1,
 ) -> Iterator[list[Trajectory]]:
-    """Full batches from the consumer until `should_stop()` (checked at least every `timeout_s`)."""
-    batch: list[Trajectory] = []
+    """Batches from the consumer until `should_stop()` (checked at least every `timeout_s`), whole GRPO groups
+    together (`group_batch`); what a batch leaves behind stays unacked for the next one."""
+    pending: list[Trajectory] = []
     while not should_stop():
-        batch += consumer.get_batch(batch_episodes - len(batch), timeout_s)
-        if len(batch) >= batch_episodes:
+        pending += consumer.get_batch(batch_episodes, timeout_s)
+        if len(pending) < batch_episodes:
+            continue
+        # wait for the missing members of a group only while little is held: a failed member never arrives
+        force = len(pending) >= batch_episodes + group_size
+        batch, pending = group_batch(pending, batch_episodes, group_size, force=force)
+        if batch:
             yield batch
-            batch = []
+
+
+def group_batch(
+    pending: list[Trajectory], batch_episodes: int, group_size: int, force: bool = False
+) -> tuple[list[Trajectory], list[Trajectory]]:
+    """(batch, rest): whole groups (all `group_size` members with one group id present), oldest group first,
+    until the batch holds >= `batch_episodes`; a trajectory without a group id is a complete group of one.
+    Without enough complete groups the batch is empty, unless `force`: then it is topped up with the oldest of
+    the rest (a group's missing member may be an error record without a group id, or lost)."""
+    by: dict[str, list[Trajectory]] = {}
+    for t in pending:
+        by.setdefault(f"g:{t.group_id}" if t.group_id else f"e:{t.episode_id}", []).append(t)
+    chosen: list[Trajectory] = []
+    for key, members in by.items():
+        if len(chosen) >= batch_episodes:
+            break
+        if key.startswith("e:") or len(members) >= group_size:
+            chosen += members
+    if len(chosen) < batch_episodes:
+        if not force:
+            return [], pending
+        taken = {id(t) for t in chosen}
+        chosen += [t for t in pending if id(t) not in taken][: batch_episodes - len(chosen)]
+    taken = {id(t) for t in chosen}
+    return chosen, [t for t in pending if id(t) not in taken]

@@ -4,20 +4,15 @@ Notation: B sequences (one per turn of one agent), K completion positions (right
 `mask == 0`), V vocabulary. Papers: gopo = GOPO (Expert loss eq 7, CS loss eq 9a-9d); step = step-by-step
 TOD reward (KL to the reference, eq 5).
 
-Which log π. vLLM records RAW logprobs: log_softmax of the unscaled logits (after the grammar mask, BEFORE
-temperature; vLLM's default `logprobs_mode="raw_logprobs"`, DESIGN §5). An importance ratio is only
-meaningful between two numbers with the same definition, so the learner scores completions at
-temperature 1 (`token_logprobs(..., temperature=1.0)`), i.e. it trains the raw policy π_1 = softmax(z).
-The served policy softmax(z / T) is a fixed transform of the same logits, so improving π_1 moves π_T the
-same way; ratios, entropies and the KL are all taken on π_1. Had we scored at T ≠ 1, an on-policy
-sample would get ratio exp(log π_T − log π_1) ≠ 1 and be clipped for no reason. The `temperature`
-argument remains for callers that record processed (post-temperature) logprobs.
-
-What cannot be matched: the Expert's grammar mask. vLLM renormalises over the tokens the grammar admits;
-the learner does not know that set, so its log π is lower by log Z (Z = the admitted mass). The learner
-therefore measures ratios of FRESH samples (same policy version) against its own detached log π (ratio
-exactly 1, vanilla policy gradient) and only uses the recorded logprobs for stale samples (see
-`trainer/learner.py`); `learner/logprob_gap_*` metrics show the size of the mismatch.
+Which log π. vLLM applies the grammar mask (expert skills, the CS `ACTION: <tag>` prefix) to the logits, then
+the temperature, then samples. The servers run with `--logprobs-mode processed_logprobs`, so a recorded logprob
+is log softmax(mask(z) / T)[y]: the log-probability under the policy that actually sampled (T is recorded on the
+`Generation`). The learner scores the same quantity: `scored_logits` divides by the recorded temperature and sets
+the tokens the grammar forbade to −inf (the admitted sets come from `trainer.grammar`, the same xgrammar
+replay vLLM ran). Old and new log π then differ only by the weights, so an importance ratio is a true ratio of
+behaviour and current policy, and a grammar-forced position (one admitted token) has log π = 0, no gradient
+and no entropy. Entropies, the KL to the reference and the ratios are all taken on this masked, tempered policy.
+T = 0 (greedy) counts as T = 1: vLLM's processed logprobs of a greedy request are the untempered ones.
 """
 
 from __future__ import annotations
@@ -35,6 +30,7 @@ __all__ = [
     "expert_loss",
     "kl_penalty",
     "masked_sum",
+    "scored_logits",
     "token_logprobs",
 ]
 
@@ -43,7 +39,7 @@ def token_logprobs(logits: torch.Tensor, target_ids: torch.Tensor, temperature: 
     """log π(target_t | ·) per position, computed in fp32.
 
     logits: (B, K, V), position k predicts `target_ids[:, k]`; target_ids: (B, K) int64 → (B, K) fp32.
-    temperature 1.0 reproduces vLLM's raw logprobs (see the module docstring).
+    Pass `scored_logits(...)` to score the masked, tempered policy the sampler used (see the module docstring).
     """
     if temperature <= 0:
         raise ValueError(f"token_logprobs: temperature must be > 0, got {temperature}")
@@ -54,8 +50,27 @@ def token_logprobs(logits: torch.Tensor, target_ids: torch.Tensor, temperature: 
     return z.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
 
 
+def scored_logits(
+    logits: torch.Tensor, allowed: torch.Tensor | None = None, temperature: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The logits of the policy that sampled: fp32 z / T with −inf where the grammar forbade the token.
+
+    logits: (B, K, V); allowed: (B, K, V) bool or None (every token allowed); temperature: (B,) per-row sampling
+    temperature or None (T = 1); T <= 0 (greedy) is taken as 1 (see the module docstring) → (B, K, V) fp32.
+    Every position must allow at least its target token (padding positions: allow everything).
+    """
+    z = logits.float()
+    if temperature is not None:
+        t = torch.where(temperature > 0, temperature, torch.ones_like(temperature)).float()
+        z = z / t.view(-1, 1, 1)
+    if allowed is not None:
+        z = z.masked_fill(~allowed, float("-inf"))
+    return z
+
+
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """H(π(·|prefix)) = −Σ_w p(w) log p(w) per position, over the full vocabulary (gopo eq 9d's inner sum).
+    """H(π(·|prefix)) = −Σ_w p(w) log p(w) per position (gopo eq 9d's inner sum), over the tokens with a finite
+    logit: pass `scored_logits(...)` to get the entropy over what the grammar admitted (0 at a forced position).
 
     logits: (B, K, V) → (B, K) fp32, in nats.
     """
@@ -63,7 +78,9 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     if temperature != 1.0:
         z = z / temperature
     logp = F.log_softmax(z, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    # forbidden tokens (−inf) contribute 0; masking logp before the product keeps the gradient finite there
+    logp_safe = logp.masked_fill(~torch.isfinite(logp), 0.0)
+    return -(logp.exp() * logp_safe).sum(-1)
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

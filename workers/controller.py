@@ -124,21 +124,28 @@ class Dispatcher:
         self.personas = sample_personas(bank, len(bank), hard_fraction=cfg.simulator.hard_fraction, seed=cfg.run.seed)
         self.scenarios = list(cfg.simulator.scenarios)
         self.seed = cfg.run.seed
+        self.group_size = cfg.learner.group_size
 
     def request(self, index: int, policy_version: int) -> Any:
+        """Episode `index`: a member of GRPO group index // G (`workers.groups.group_slot`, G = learner.group_size)."""
         from gopo_online.stream import EpisodeRequest
         from simulator.personas import scenario_for
+        from workers.groups import group_slot
 
-        persona = self.personas[index % len(self.personas)]
-        family, case_type = scenario_for(persona, self.scenarios, index)  # persona <-> scenario fit
+        slot = group_slot(index, self.group_size, self.seed)
+        persona = self.personas[slot.group % len(self.personas)]
+        # persona <-> scenario fit; keyed by the group, so every member plays the same case
+        family, case_type = scenario_for(persona, self.scenarios, slot.group)
         return EpisodeRequest(
             episode_id=f"ep-{self.seed}-{index:07d}",
             scenario_id=family,
             case_type=case_type,
             persona_id=persona.id,
             persona_group=persona.group,
-            seed=self.seed * 1_000_003 + index,
+            seed=slot.seed,
             policy_version=policy_version,
+            group_id=slot.group_id,
+            sample_index=slot.member,
         )
 
 

@@ -127,7 +127,17 @@ def default_deps(ctx: WorkerContext) -> EpisodeDeps:
                           resolve=resolver("expert"))  # fmt: skip
     cs = ServedCS(policy_client, cfg, resolve=resolver("cs"))
 
-    return EpisodeDeps(user_sim=user_sim, expert=expert, cs=cs, judge=judge)
+    return EpisodeDeps(user_sim=user_sim, expert=expert, cs=cs, judge=judge, extra=reward_extras(cfg))
+
+
+def reward_extras(cfg: GopoConfig) -> dict[str, Any]:
+    """play_episode keyword arguments for the reward terms the config switches on: the skill-compliance
+    distance of gopo eq 9c (`rewards.skill_distance`, all-MiniLM-L6-v2, loaded offline on first use)."""
+    if not cfg.rewards.skill_distance:
+        return {}
+    from gopo_online.serving.embedding import SkillDistance
+
+    return {"skill_distance": SkillDistance().distance}
 
 
 def served_weights(ctx: WorkerContext, root_url: str) -> Any:
@@ -234,7 +244,7 @@ def rollout(request: EpisodeRequest, ctx: WorkerContext) -> Trajectory:
         request.scenario_id, seed=request.seed or 0, demand=persona.extrinsic_demand, case_type=request.case_type
     )
     deps = ctx.get_deps()
-    return play_episode(
+    traj = play_episode(
         episode_id=request.episode_id,
         scenario_instance=instance,
         persona=persona,
@@ -246,5 +256,7 @@ def rollout(request: EpisodeRequest, ctx: WorkerContext) -> Trajectory:
         seed=request.seed or 0,
         worker=ctx.worker_name,
         max_turns=request.max_turns,
+        agent_seed_offset=request.sample_index,
         **deps.extra,
     )
+    return traj.model_copy(update={"group_id": request.group_id}) if request.group_id else traj

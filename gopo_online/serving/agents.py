@@ -29,7 +29,7 @@ from gopo_online.skills import (
     expert_grammar,
     parse_expert_output,
 )
-from gopo_online.types import Compliance, Generation, Skill
+from gopo_online.types import Compliance, Generation, GrammarRef, Skill
 
 from .client import ChatResult
 
@@ -150,7 +150,9 @@ class ExpertAgent:
         except ValueError as e:
             raise AgentOutputError(f"expert output failed its grammar ({result.finish_reason}): {e}") from e
         version = self.policy_version if policy_version is None else policy_version
-        return ExpertDecision(skills=skills, generation=result.to_generation(version))
+        ref = GrammarRef(kind="expert_skills", choices=tuple(names), max_items=self.cfg.max_skills)
+        generation = result.to_generation(version).model_copy(update={"grammar": ref})
+        return ExpertDecision(skills=skills, generation=generation)
 
 
 # ----------------------------------------------------------------------------- CS agent
@@ -277,6 +279,8 @@ class CSAgent:
             reply=text,
             action=action,
             allowed_actions=actions,
-            generation=result.to_generation(version),
+            generation=result.to_generation(version).model_copy(
+                update={"grammar": GrammarRef(kind="cs_action", choices=tuple(actions))}
+            ),
             compliance=check_compliance(text, action, skills),
         )

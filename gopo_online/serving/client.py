@@ -35,7 +35,7 @@ class ChatResult:
     prompt_token_ids: tuple[int, ...] = ()
     token_ids: tuple[int, ...] = ()
     logprobs: tuple[float, ...] = ()
-    """Raw logprob of each sampled token (after the grammar mask, before temperature, DESIGN §5)."""
+    """Logprob of each sampled token (after the grammar mask and the temperature: processed_logprobs)."""
     finish_reason: str | None = None
     latency_s: float = 0.0
     """Wall-clock seconds of the successful request (retries not included)."""

@@ -154,6 +154,9 @@ class VLLMServer:
             "--port", str(self.port),
             "--max-model-len", str(self.max_model_len),
             "--dtype", self.dtype,
+            # recorded logprobs after the grammar mask AND the temperature: the log π of the policy that sampled,
+            # which the learner scores the same way (trainer/losses.py)
+            "--logprobs-mode", "processed_logprobs",
         ]  # fmt: skip
         if self.enforce_eager:
             cmd.append("--enforce-eager")

@@ -158,3 +158,37 @@ def test_judge_returns_scores_or_explicit_failure(client):
             assert all(0.0 <= s <= 1.0 for s in v.scores.values())
         else:
             assert v.error and not v.scores
+
+
+def test_recorded_logprobs_are_what_the_learner_scores(client, tokenizer):
+    """vLLM's recorded logprobs (grammar mask, then temperature: processed_logprobs) equal the learner's masked,
+    tempered scoring of the same tokens with the same weights (issue 9 defect 1); the learner's old full-vocabulary
+    T = 1 scoring of the same tokens does not."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from gopo_online.config import CSConfig, ExpertConfig
+    from trainer.grammar import GrammarMasks
+    from trainer.losses import scored_logits, token_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+    masks = GrammarMasks(tokenizer, model.config.vocab_size)
+    expert = ExpertAgent(client, model="policy", cfg=ExpertConfig(temperature=1.3))
+    cs = CSAgent(client, model="policy", cfg=CSConfig(temperature=0.8))
+    gens = [expert.decide(POOL, HISTORY, intent="delivery_delay", emotion="angry", seed=i).generation for i in (1, 2)]
+    gens += [cs.reply("Where are my shoes?!", POOL[1:4], {"order": "late"}, HISTORY, seed=i).generation for i in (1, 2)]
+    for g in gens:
+        assert g.grammar is not None and g.temperature in (1.3, 0.8)
+        ids = torch.tensor([list(g.prompt_token_ids) + list(g.completion_token_ids)])
+        K = len(g.completion_token_ids)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[:, -K - 1 : -1]
+        targets = torch.tensor([list(g.completion_token_ids)])
+        allowed, mismatch = masks.allowed(g.grammar, g.completion_token_ids)
+        assert not mismatch
+        new = token_logprobs(scored_logits(logits, allowed.unsqueeze(0), torch.tensor([g.temperature])), targets)[0]
+        old = token_logprobs(logits, targets)[0]
+        rec = torch.tensor(g.logprobs)
+        # the server computes in bf16: a small per-token difference remains, far below the old scoring's gap
+        assert (new - rec).abs().mean().item() < 0.15, g.grammar.kind
+        assert (old - rec).abs().mean().item() > 3 * (new - rec).abs().mean().item() + 0.1, g.grammar.kind

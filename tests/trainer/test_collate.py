@@ -18,6 +18,45 @@ def test_split_fresh_counts_stale(fake_tok):
     assert dropped == 4
 
 
+def test_future_version_trajectories_are_rejected_with_a_reason(fake_tok):
+    """Defect: a trajectory from a version the learner never published (negative age) was trained on."""
+    from trainer.collate import split_versions
+
+    trajs = [make_trajectory(fake_tok, i, 2, version=v) for i, v in enumerate([3, 4, 6])]
+    fresh, dropped = split_fresh(trajs, current_version=4, max_staleness=2)
+    assert [t.min_policy_version for t in fresh] == [3, 4] and dropped == 0
+    kept, stale, future = split_versions(trajs, current_version=4, max_staleness=2)
+    assert [t.episode_id for t in kept] == ["ep0", "ep1"] and stale == 0
+    assert [(r.episode_id, r.reason) for r in future] == [("ep2", "future_version")]
+    assert "6 > learner version 4" in future[0].detail
+
+
+def test_behaviour_logprobs_with_push_every_two(fake_tok):
+    """Defect: with push_every >= 2 the learner compared versions with None (`mb.versions == None`) and crashed."""
+    from trainer.learner import behaviour_logprobs
+
+    mb = collate([make_trajectory(fake_tok, 0, 2, version=3)], micro_batch_turns=4).batches["cs"][0]
+    logp = torch.full(mb.old_logprobs.shape, -0.25)
+    # right after a push, rows of the pushed version are on-policy: ratio exactly 1
+    assert torch.equal(behaviour_logprobs(logp, mb, version=3, steps_since_push=0), logp)
+    # one step later (push_every = 2) no row was sampled by the current weights: the recorded logprobs
+    assert torch.equal(behaviour_logprobs(logp, mb, version=3, steps_since_push=1), mb.old_logprobs)
+    assert torch.equal(behaviour_logprobs(logp, mb, version=4, steps_since_push=0), mb.old_logprobs)
+
+
+def test_collate_records_temperature_and_grammar(fake_tok):
+    from gopo_online.types import GrammarRef
+
+    tr = make_trajectory(fake_tok, 0, 2)
+    ref = GrammarRef(kind="cs_action", choices=("chat", "voucher"))
+    turns = tuple(t.model_copy(update={"cs_gen": t.cs_gen.model_copy(update={"grammar": ref})}) for t in tr.turns)
+    res = collate([tr.model_copy(update={"turns": turns})], micro_batch_turns=4)
+    cs = res.batches["cs"][0]
+    assert cs.temperatures.tolist() == pytest.approx([0.8, 0.8]) and cs.grammars == [ref, ref]
+    assert [len(c) for c in cs.completions] == [int(n) for n in cs.completion_mask.sum(-1).tolist()]
+    assert res.batches["expert"][0].grammars == [None, None]
+
+
 def test_error_trajectories_are_skipped_and_counted(fake_tok):
     good = make_trajectory(fake_tok, 0, 2)
     bad = Trajectory(episode_id="e", scenario_id="s", persona_id="p", status="error", error="simulator timeout")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -145,3 +146,41 @@ def test_main_loop_with_injected_parts(tok, tmp_path):
 
     assert [(r["episode_id"], r["outcome"]) for r in read_records(run_dir)] == [("ep0", "trained")]
     assert (run_dir / "checkpoints" / "latest").read_text() == "step-00000001"  # written on the way out
+
+
+def _production_batch(tok, version, seed, n=2):
+    """Unique scenario instance ids and seeds, grammar-constrained completions, CS sampled at T = 0.8."""
+    out = []
+    for i in range(n):
+        t = make_trajectory(tok, 10 * seed + i, 2, version=version, seed=seed, grammar=True)
+        out.append(t.model_copy(update={"scenario_id": f"ecommerce-{seed}{i:03d}", "seed": 1000 * seed + i}))
+    return out
+
+
+def test_push_every_two_grammar_masks_and_future_versions(tok, tmp_path):
+    """Defects 9.1 / 9.6 on the real DeepSpeed step: push_every = 2 crashed at the second step (`mb.versions ==
+    None`); a trajectory from a future policy version was trained on; the masks and the per-agent metrics."""
+    from trainer.learner import Learner
+
+    pushed = []
+    cfg = _cfg(tmp_path, "run.resume=false", "learner.push_every=2", "learner.zero_stage=0")
+    learner = Learner(cfg, publish=lambda v, e: pushed.append(v))
+    learner.setup()
+    try:
+        m1 = learner.step(_production_batch(tok, 0, seed=1))
+        m2 = learner.step(_production_batch(tok, 0, seed=2))  # one step after the push: crashed before
+        assert learner.version == 1 and pushed == [0, 1]
+        for m in (m1, m2):
+            assert all(math.isfinite(v) for v in m.values())
+            for a in ("expert", "cs"):
+                assert m[f"learner/grammar_mismatch_{a}"] == 0 and m[f"learner/forced_frac_{a}"] > 0
+                for key in ("ratio", "ratio_max", "clip_frac", "logprob_gap", "kl_beta"):
+                    assert f"learner/{key}_{a}" in m, key
+                assert f"loss/{a}_entropy" in m and f"loss/kl_{a}" in m
+        assert m1["learner/ratio_max_cs"] == pytest.approx(1.0)  # right after the push: on-policy, ratio 1
+        # a version-5 episode while the learner is at version 1: rejected and counted, not trained on
+        m3 = learner.step(_production_batch(tok, 5, seed=3)[:1] + _production_batch(tok, 1, seed=4)[:1])
+        assert m3["learner/dropped_future"] == 1 and m3["learner/dropped_future_total"] == 1
+        assert m3["learner/episodes"] == 1 and m3["learner/rows_expert"] == 2
+    finally:
+        learner.cleanup()

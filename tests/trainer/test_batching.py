@@ -1,0 +1,50 @@
+"""The learner's batches keep GRPO groups whole (trainer.learner.group_batch, pure)."""
+
+from __future__ import annotations
+
+from trainer.learner import _batches, group_batch
+from trainer.synthetic import make_trajectory
+
+
+def _t(fake_tok, ep, group=""):
+    return make_trajectory(fake_tok, ep, 1).model_copy(update={"group_id": group, "episode_id": f"ep{ep}"})
+
+
+def _ids(ts):
+    return [t.episode_id for t in ts]
+
+
+def test_whole_groups_first_and_partial_groups_wait(fake_tok):
+    # arrival order interleaves two groups of 4 (workers finish out of order)
+    pending = [_t(fake_tok, i, g) for i, g in enumerate("ABABAABB")]
+    batch, rest = group_batch(pending[:6], 4, 4)
+    assert _ids(batch) == ["ep0", "ep2", "ep4", "ep5"] and _ids(rest) == ["ep1", "ep3"]  # group A whole
+    batch, rest = group_batch(rest, 4, 4)
+    assert batch == [] and len(rest) == 2  # B incomplete: wait
+    batch, rest = group_batch(rest + pending[6:], 4, 4)
+    assert _ids(batch) == ["ep1", "ep3", "ep6", "ep7"] and rest == []
+
+
+def test_force_tops_up_and_ungrouped_episodes_are_complete(fake_tok):
+    pending = [_t(fake_tok, 0, "A"), _t(fake_tok, 1), _t(fake_tok, 2, "B"), _t(fake_tok, 3, "A")]
+    assert group_batch(pending, 2, 4) == ([], pending)  # one complete (ungrouped) episode is not a batch of 2
+    batch, rest = group_batch(pending, 3, 4, force=True)
+    assert _ids(batch) == ["ep1", "ep0", "ep2"] and _ids(rest) == ["ep3"]
+
+
+class _Consumer:
+    def __init__(self, arrivals):
+        self.arrivals = list(arrivals)
+
+    def get_batch(self, n, timeout_s):
+        out, self.arrivals = self.arrivals[:n], self.arrivals[n:]
+        return out
+
+
+def test_batches_yield_whole_groups_from_a_consumer(fake_tok):
+    arrivals = [_t(fake_tok, i, g) for i, g in enumerate("ABABAABB")]
+    consumer = _Consumer(arrivals)
+    got = []
+    for batch in _batches(consumer, 4, 0.0, should_stop=lambda: not consumer.arrivals and len(got) >= 2, group_size=4):
+        got.append(sorted({t.group_id for t in batch}))
+    assert got == [["A"], ["B"]]
