@@ -7,7 +7,8 @@ line is one record::
     {"stored_at", "outcome", "learner_version", "episode_id", "trajectory": {...the Trajectory JSON...}}
 
 with ``outcome`` one of `OUTCOMES`: "trained", "dropped_stale" (older than ``learner.max_staleness`` versions),
-"rejected_future" (a policy version the learner never published),
+"rejected_future" (a policy version the learner never published), "sim_flagged" (excluded: the simulator's
+quality gates flagged it),
 "error" (an error episode: nothing to train on) or "dead_lettered" (a message that was not a valid trajectory:
 the record has ``reason`` and the first bytes of the ``body`` instead of a trajectory).
 
@@ -32,8 +33,8 @@ if TYPE_CHECKING:
 
 __all__ = ["OUTCOMES", "Outcome", "TrajectoryStore", "read_records"]
 
-Outcome = Literal["trained", "dropped_stale", "rejected_future", "error", "dead_lettered"]
-OUTCOMES: tuple[str, ...] = ("trained", "dropped_stale", "rejected_future", "error", "dead_lettered")
+Outcome = Literal["trained", "dropped_stale", "rejected_future", "sim_flagged", "error", "dead_lettered"]
+OUTCOMES: tuple[str, ...] = ("trained", "dropped_stale", "rejected_future", "sim_flagged", "error", "dead_lettered")
 STORE_DIR = "trajectories"
 MAX_PART_BYTES = 64 * 1024 * 1024
 MAX_DEAD_BODY = 64 * 1024
@@ -92,7 +93,7 @@ class TrajectoryStore:
     def append(self, traj: Trajectory, outcome: Outcome, learner_version: int | None = None) -> None:
         if outcome not in OUTCOMES or outcome == "dead_lettered":
             raise ValueError(
-                f"a trajectory's outcome is one of trained | dropped_stale | rejected_future | error, got {outcome!r}"
+                f"a trajectory's outcome is one of {[o for o in OUTCOMES if o != 'dead_lettered']}, got {outcome!r}"
             )
         self._write(
             {

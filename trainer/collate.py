@@ -91,6 +91,15 @@ def drop_errors(trajs: Iterable[Trajectory]) -> tuple[list[Trajectory], int]:
     return ok, len(trajs) - len(ok)
 
 
+def drop_sim_flagged(trajs: Iterable[Trajectory]) -> tuple[list[Trajectory], int]:
+    """(trajectories without a simulator quality-gate flag, number flagged): a flagged episode's user turns broke
+    the simulator's own rules even after a regeneration (spoke as the agent, repeated itself, contradicted the
+    scenario), so its rewards say more about the simulator than about the policy."""
+    trajs = list(trajs)
+    kept = [t for t in trajs if not t.sim_flagged]
+    return kept, len(trajs) - len(kept)
+
+
 @dataclass(frozen=True)
 class TurnSample:
     """One agent decision before padding."""

@@ -44,7 +44,15 @@ from gopo_online.events import Key
 from gopo_online.metrics_log import MetricsLogger
 from gopo_online.trajectory_store import TrajectoryStore
 from gopo_online.types import Trajectory
-from trainer.collate import AGENTS, CollateResult, MicroBatch, collate, drop_errors, split_versions
+from trainer.collate import (
+    AGENTS,
+    CollateResult,
+    MicroBatch,
+    collate,
+    drop_errors,
+    drop_sim_flagged,
+    split_versions,
+)
 from trainer.stats import AgentStats, StepStats
 
 __all__ = ["Learner", "behaviour_logprobs", "group_batch", "main", "score"]
@@ -337,11 +345,13 @@ class Learner:
         for r in future:
             self.log(f"[learner] rejected episode {r.episode_id}: {r.reason}: {r.detail}")
         ok, n_err = drop_errors(fresh)
+        ok, n_flagged = drop_sim_flagged(ok)
         self.dropped_stale_total += dropped
         self.dropped_future_total += len(future)
         st.dropped_stale, st.dropped_stale_total = dropped, self.dropped_stale_total
         st.dropped_future, st.dropped_future_total = len(future), self.dropped_future_total
         st.error_episodes, st.episodes, st.version = n_err, len(ok), self.version
+        st.sim_flagged = n_flagged
         trained = [t.min_policy_version for t in ok if t.min_policy_version is not None]
         if trained:
             st.trained_version = min(trained)
@@ -835,12 +845,19 @@ def _outcomes(batch: list[Trajectory], version: int, max_staleness: int) -> list
     """What `Learner.step` (at `version`) did with each trajectory: the same split_versions / drop_errors it uses."""
     fresh, _, future = split_versions(batch, version, max_staleness)
     ok, _ = drop_errors(fresh)
-    fresh_ids, ok_ids = {t.episode_id for t in fresh}, {t.episode_id for t in ok}
+    trained, _ = drop_sim_flagged(ok)
+    fresh_ids, ok_ids, trained_ids = (
+        {t.episode_id for t in fresh},
+        {t.episode_id for t in ok},
+        {t.episode_id for t in trained},
+    )
     future_ids = {r.episode_id for r in future}
 
     def outcome(t: Trajectory) -> str:
-        if t.episode_id in ok_ids:
+        if t.episode_id in trained_ids:
             return "trained"
+        if t.episode_id in ok_ids:
+            return "sim_flagged"
         if t.episode_id in fresh_ids:
             return "error"
         return "rejected_future" if t.episode_id in future_ids else "dropped_stale"

@@ -61,6 +61,8 @@ class StepStats(Mapping[str, float]):
     dropped_future: int | None = _m("learner/dropped_future")
     """Trajectories with a policy version above the learner's (negative age), rejected this step."""
     dropped_future_total: int | None = _m("learner/dropped_future_total")
+    sim_flagged: int | None = _m("learner/sim_flagged")
+    """Episodes excluded because the simulator's quality gates flagged them (`Trajectory.sim_flags`)."""
     version: int | None = _m("learner/version")
     trained_version: int | None = _m("learner/trained_version")
     """Oldest policy version this update learns from."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gopo_online.types import Trajectory
-from trainer.collate import collate, drop_errors, split_fresh
+from trainer.collate import collate, drop_errors, drop_sim_flagged, split_fresh
 from trainer.synthetic import make_trajectory
 
 
@@ -65,6 +65,14 @@ def test_error_trajectories_are_skipped_and_counted(fake_tok):
     res = collate([good, bad], micro_batch_turns=8)
     assert res.error_trajectories == 1
     assert res.n_rows == {"expert": 2, "cs": 2}
+
+
+def test_sim_flagged_episodes_are_excluded_and_counted(fake_tok):
+    good = make_trajectory(fake_tok, 0, 2)
+    flagged = good.model_copy(update={"episode_id": "f", "sim_flags": ("turn 2: speaks_as_agent",)})
+    assert flagged.sim_flagged and not good.sim_flagged
+    kept, n = drop_sim_flagged([good, flagged])
+    assert kept == [good] and n == 1
 
 
 def test_collate_left_pads_and_aligns_completion(fake_tok):
