@@ -52,8 +52,23 @@ class ModelConfig(Section):
     """Local HF model folder for both policies; None uses the prepared SmolLM2-135M-Instruct."""
     served_name: str = "policy"
     """Base model name on the policy server."""
-    dtype: Literal["bfloat16", "float32", "float16", "auto"] = "bfloat16"
-    """Weights dtype for serving and training."""
+    dtype: Literal["bfloat16", "float32", "float16", "auto"] = "auto"
+    """Weights dtype of both the vLLM server and the learner. "auto": bfloat16 on a GPU; on a CPU bfloat16 only where
+    /proc/cpuinfo has avx512_bf16 or amx_bf16, else float32 (emulated bf16 halved decode and stalled the learner on
+    an AVX2-only CPU; see gopo_online/hardware.py and docs/throughput.md)."""
+    server_threads: int | None = Field(default=None, ge=1)
+    """OpenMP threads of each vLLM CPU server; None: from the core count (1 on <= 2 cores, else about half of the
+    cores left after one for workers/broker; docs/throughput.md)."""
+    learner_threads: int | None = Field(default=None, ge=1)
+    """Intra-op threads of the learner; None: from the core count (the other half)."""
+
+    @property
+    def resolved_dtype(self) -> str:
+        """`dtype` with "auto" resolved for a CPU from this machine's flags (the learner's dtype; the server resolves
+        for its own device)."""
+        from gopo_online.hardware import resolve_dtype
+
+        return resolve_dtype(self.dtype, device="cpu")
 
 
 class ServerConfig(Section):
