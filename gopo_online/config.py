@@ -134,6 +134,9 @@ class ExpertConfig(Section):
     """Sampling temperature of the Expert."""
     max_tokens: int = Field(default=128, ge=8)
     """Completion budget of one Expert decision (5 long skill names exceeded 64 tokens in a 30-min run)."""
+    skill_codes: bool = True
+    """Write two-letter skill codes (`ga, ex`; ~2 tokens a skill) mapped back to the names, not the names (~6-12
+    tokens a skill); the grammar keeps 1..max_skills distinct pool skills either way."""
 
 
 class CSConfig(Section):
