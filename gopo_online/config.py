@@ -230,6 +230,9 @@ class WorkersConfig(Section):
     """Retries of an episode task after a transient failure."""
     episode_timeout_s: float = Field(default=600.0, gt=0)
     """Hard limit on one episode."""
+    request_log: bool = True
+    """Append every model request (prompt tokens, max_tokens, structured-output kind, adapter) to
+    run_dir/requests/<worker>.jsonl: the profile of a run, and what `bench --only loop` replays."""
 
 
 class LearnerConfig(Section):

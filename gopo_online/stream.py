@@ -77,6 +77,8 @@ class EpisodeRequest(BaseModel):
     """Policy version the controller expected when dispatching (a hint for logs; the served version wins)."""
     max_turns: int | None = Field(default=None, ge=1)
     """Override of `simulator.max_turns` for this episode."""
+    dispatched_at: float | None = None
+    """Unix time the controller sent it (the worker's `queue` timing); None when not known."""
 
 
 class WeightsAnnouncement(BaseModel):

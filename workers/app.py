@@ -226,6 +226,7 @@ def make_app(cfg: GopoConfig, broker_url: str, ctx: WorkerContext | None = None)
             traj = error_trajectory(request, reason, worker=ctx.worker_name, started_at=started_at)
         if not traj.worker:
             traj = traj.model_copy(update={"worker": ctx.worker_name})
+        t_publish = time.monotonic()
         try:
             ctx.get_publisher().publish(traj)
         except Exception as exc:  # noqa: BLE001 - broker trouble: retry the whole task (redelivery covers the rest)
@@ -233,7 +234,7 @@ def make_app(cfg: GopoConfig, broker_url: str, ctx: WorkerContext | None = None)
                 raise self.retry(exc=exc, countdown=min(60.0, ctx.retry_backoff_s * 2**retries)) from exc
             raise
         done.mark_done(eid)
-        ctx.emit_episode(traj)
+        ctx.emit_episode(traj, publish_s=time.monotonic() - t_publish)
         return {"status": traj.status, "episode_id": eid, "turns": len(traj.turns)}
 
     return app

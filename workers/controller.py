@@ -390,6 +390,7 @@ def train(
                 backlog_full = queued_trajectories >= max_queued
                 while len(in_flight) < cfg.workers.max_in_flight and budget_left > 0 and not backlog_full:
                     req = dispatcher.request(state.next_episode, version)
+                    req = req.model_copy(update={"dispatched_at": time.time()})  # the worker's queue timing
                     celery.send_task(
                         "gopo.run_episode",
                         args=[req.model_dump(mode="json")],
