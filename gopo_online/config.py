@@ -224,8 +224,11 @@ class WorkersConfig(Section):
     """Celery worker processes the controller starts (0 with --no-spawn)."""
     concurrency: int = Field(default=4, ge=1)
     """Episodes each worker plays at once (threads)."""
-    max_in_flight: int = Field(default=8, ge=1)
-    """Most episodes dispatched and not yet finished."""
+    max_in_flight: int | None = Field(default=None, ge=1)
+    """Most episodes dispatched and not yet finished. None (default): count x concurrency, exactly the episodes the
+    spawned workers can play at once (more wait in the broker queue and only age, fewer leave worker threads idle).
+    Set it only with count = 0 (workers started elsewhere: their total concurrency); with count > 0 a value other
+    than count x concurrency is an error. See `in_flight_limit`."""
     max_retries: int = Field(default=2, ge=0)
     """Retries of an episode task after a transient failure."""
     episode_timeout_s: float = Field(default=600.0, gt=0)
@@ -233,6 +236,26 @@ class WorkersConfig(Section):
     request_log: bool = True
     """Append every model request (prompt tokens, max_tokens, structured-output kind, adapter) to
     run_dir/requests/<worker>.jsonl: the profile of a run, and what `bench --only loop` replays."""
+
+    @property
+    def in_flight_limit(self) -> int:
+        """The one number the controller dispatches up to: max_in_flight, else count x concurrency (count 0: one
+        worker's concurrency)."""
+        if self.max_in_flight is not None:
+            return self.max_in_flight
+        return max(1, self.count) * self.concurrency
+
+    @model_validator(mode="after")
+    def _feed(self) -> WorkersConfig:
+        cap = self.count * self.concurrency
+        if self.count > 0 and self.max_in_flight is not None and self.max_in_flight != cap:
+            raise ValueError(
+                f"workers.max_in_flight = {self.max_in_flight} disagrees with workers.count x workers.concurrency ="
+                f" {self.count} x {self.concurrency} = {cap}: "
+                + ("episodes would wait in the queue" if self.max_in_flight > cap else "worker threads would idle")
+                + "; leave max_in_flight unset (derived) or set it only with count = 0 (workers started elsewhere)"
+            )
+        return self
 
 
 class LearnerConfig(Section):

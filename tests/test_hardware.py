@@ -103,3 +103,16 @@ def test_config_thread_overrides_win(monkeypatch):
 def test_this_machine_reads():
     assert hardware.cpu_cores() >= 1
     assert isinstance(hardware.cpu_flags(), frozenset)
+
+
+def test_in_flight_is_derived_from_workers_and_checked():
+    assert load_config().workers.in_flight_limit == 4  # default: 1 worker x concurrency 4 (was 8: 4 waited)
+    cfg = load_config(overrides=["workers.count=2", "workers.concurrency=3"])
+    assert cfg.workers.max_in_flight is None and cfg.workers.in_flight_limit == 6
+    assert load_config(overrides=["workers.count=2", "workers.max_in_flight=8"]).workers.in_flight_limit == 8
+    for bad, why in (("8", "wait in the queue"), ("2", "idle")):
+        with pytest.raises(Exception, match=f"max_in_flight = {bad} disagrees.*{why}"):
+            load_config(overrides=["workers.count=1", "workers.concurrency=4", f"workers.max_in_flight={bad}"])
+    # workers started elsewhere: the number is their total concurrency, stated once
+    cluster = load_config(overrides=["workers.count=0", "workers.concurrency=16", "workers.max_in_flight=64"])
+    assert cluster.workers.in_flight_limit == 64

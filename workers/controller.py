@@ -9,7 +9,7 @@ on Ctrl-C or at the end of the budget:
    `serving.simulator = "same"`) and LoRA hot-loading, so the learner's Expert and CS adapters go live in place;
 3. the learner (`gopo-online learner`) and `workers.count` rollout workers (`gopo-online worker`), as child
    processes with their logs in run_dir/logs/;
-4. then it dispatches episodes (at most `workers.max_in_flight` in flight), follows the events fanout (episode,
+4. then it dispatches episodes (at most `workers.in_flight_limit` in flight), follows the events fanout (episode,
    learner and push events), writes run_dir/metrics.jsonl (+ TensorBoard) and shows the live dashboard.
 
 `--no-spawn` joins parts started elsewhere (`broker.url`, `serving.policy.url` must be set) and only dispatches,
@@ -388,7 +388,7 @@ def train(
                     cfg.run.max_episodes - state.finished - len(in_flight) if cfg.run.max_episodes else 1 << 30
                 )
                 backlog_full = queued_trajectories >= max_queued
-                while len(in_flight) < cfg.workers.max_in_flight and budget_left > 0 and not backlog_full:
+                while len(in_flight) < cfg.workers.in_flight_limit and budget_left > 0 and not backlog_full:
                     req = dispatcher.request(state.next_episode, version)
                     req = req.model_copy(update={"dispatched_at": time.time()})  # the worker's queue timing
                     celery.send_task(
