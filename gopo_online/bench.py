@@ -63,6 +63,7 @@ BENCHES: dict[str, str] = {
     "vllm": "gopo_online.bench_parts:bench_vllm",
     "push": "gopo_online.bench_parts:bench_push",
     "learner": "trainer.bench:bench_learner",
+    "scale": "workers.bench_scale:bench_scale",
 }
 """Benchmark name -> `module:function(cfg) -> list[Row]`, imported only when run."""
 

@@ -8,7 +8,8 @@ Answers are well formed the way vLLM's are: `choices[0].message.content`, `choic
 - regex: a string that matches it (`regex_example`, alternatives drawn with the request's seed);
 - json: an object built from the schema's required properties (enums their first value, strings "ok", integers
   the minimum or 3, booleans false, arrays empty); free text otherwise.
-Token ids are the UTF-8 bytes of the text (one "token" per byte: consistent lengths, no tokenizer needed).
+"Tokens" are words, spaces and punctuation characters (`tokenize`), ids their CRC32 mod 49152: consistent lengths
+and a judge's `1=8` answer still has its digits as separate tokens, no tokenizer needed.
 `GET /v1/models` lists the served names, `GET /health` answers 200. Stdlib only.
 """
 
@@ -19,6 +20,7 @@ import random
 import re
 import threading
 import time
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -97,8 +99,22 @@ def regex_example(pattern: str, rng: random.Random) -> str:
     return text
 
 
-def reply_text(body: dict[str, Any]) -> str:
-    """What the load server answers to one chat request body (see the module docstring)."""
+_PIECE = re.compile(r"\w+|\s|[^\w\s]")
+
+
+def tokenize(text: str) -> list[str]:
+    """The load server's "tokens": words, single whitespace characters and single punctuation characters."""
+    return _PIECE.findall(text)
+
+
+def token_id(piece: str) -> int:
+    return zlib.crc32(piece.encode()) % 49_152
+
+
+def reply_text(body: dict[str, Any], *, stop_rate: float = 1.0 / 6.0) -> str:
+    """What the load server answers to one chat request body (see the module docstring). A simulator turn (the
+    regex has a `"stop": (true|false)` field) stops with probability `stop_rate`, so dialogues last about as long as
+    real ones (~1/stop_rate turns) instead of ending at the first coin flip."""
     so = (body.get("structured_outputs") or {}) if isinstance(body.get("structured_outputs"), dict) else {}
     if "answer" in so:
         return str(so["answer"])
@@ -111,7 +127,11 @@ def reply_text(body: dict[str, Any]) -> str:
         if m:
             return m.group(1)
     if "regex" in so:
-        return regex_example(str(so["regex"]), random.Random(body.get("seed")))
+        rng = random.Random(body.get("seed"))
+        text = regex_example(str(so["regex"]), rng)
+        if '"stop": true' in text or '"stop": false' in text:  # both alternatives match: re-draw with stop_rate
+            text = re.sub(r'"stop": (true|false)', f'"stop": {"true" if rng.random() < stop_rate else "false"}', text)
+        return text
     if "json" in so and isinstance(so["json"], dict):
         return json.dumps(_from_schema(so["json"]))
     if "choice" in so and so["choice"]:
@@ -122,15 +142,27 @@ def reply_text(body: dict[str, Any]) -> str:
 class LoadServer:
     """`with LoadServer() as s: s.base_url` — serves until the block ends. `delay_s` adds a fixed latency."""
 
-    def __init__(self, served_names: tuple[str, ...] = ("policy",), *, host: str = "127.0.0.1", delay_s: float = 0.0):
+    def __init__(
+        self,
+        served_names: tuple[str, ...] = ("policy",),
+        *,
+        host: str = "127.0.0.1",
+        delay_s: float = 0.0,
+        stop_rate: float = 1.0 / 6.0,
+    ) -> None:
         self.served_names = served_names
         self.delay_s = delay_s
+        self.stop_rate = stop_rate
         self.requests = 0
         self._lock = threading.Lock()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # One segment per response and TCP_NODELAY: headers and body written apart would meet the client's
+            # delayed ACK (Nagle), 40 ms a request, and measure the load server instead of the orchestration.
+            disable_nagle_algorithm = True
+            wbufsize = 1 << 16
 
             def log_message(self, *args: Any) -> None:  # quiet
                 pass
@@ -173,13 +205,14 @@ class LoadServer:
         self._thread: threading.Thread | None = None
 
     def completion(self, body: dict[str, Any]) -> dict[str, Any]:
-        text = reply_text(body)
+        text = reply_text(body, stop_rate=self.stop_rate)
         max_tokens = int(body.get("max_tokens") or 16)
-        ids = list(text.encode())[:max_tokens]
-        text = bytes(ids).decode(errors="ignore")
+        pieces = tokenize(text)[:max_tokens]
+        text = "".join(pieces)
+        ids = [token_id(p) for p in pieces]
         prompt = "".join(str(m.get("content", "")) for m in body.get("messages", []))
-        prompt_ids = list(prompt.encode()[:4096]) or [0]
-        lp = [{"token": chr(t) if t < 128 else "?", "logprob": -0.1, "bytes": [t], "top_logprobs": []} for t in ids]
+        prompt_ids = [token_id(p) for p in tokenize(prompt)] or [0]
+        lp = [{"token": p, "logprob": -0.1, "bytes": list(p.encode()), "top_logprobs": []} for p in pieces]
         return {
             "id": f"load-{self.requests}",
             "object": "chat.completion",

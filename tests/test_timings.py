@@ -105,6 +105,9 @@ def test_load_server_answers_parse_as_our_formats():
         for pattern in (user_turn_regex(), judge_regex(["a", "b"], ["x"])):
             assert re.fullmatch(pattern, regex_example(pattern, rng))
     assert reply_text({"structured_outputs": {"grammar": expert_grammar(["ga", "ex"], 2)}}) == "ga"
+    stops = [json.loads(reply_text({"seed": i, "structured_outputs": {"regex": user_turn_regex()}}))["stop"]
+             for i in range(300)]  # fmt: skip
+    assert 20 < sum(stops) < 80  # stop_rate 1/6: dialogues last ~6 turns
     assert reply_text({"structured_outputs": {"grammar": cs_grammar(("chat", "voucher"))}}).startswith("ACTION: chat\n")
     assert reply_text({"structured_outputs": {"json": {"type": "object", "properties": {"n": {"type": "integer"}},
                                                         "required": ["n"]}}}) == '{"n": 3}'  # fmt: skip
@@ -117,10 +120,10 @@ def test_chat_client_against_load_server_logs_requests(tmp_path):
         c.request_log = RequestLog(tmp_path / "r.jsonl")
         r = c.chat([{"role": "user", "content": "hi"}], model="expert", temperature=1.0, max_tokens=8,
                    structured={"grammar": 'root ::= "ab" | "cd"'})  # fmt: skip
-        assert r.text == "ab" and r.token_ids == (97, 98) and len(r.logprobs) == 2 and r.prompt_token_ids
+        assert r.text == "ab" and len(r.token_ids) == 1 and len(r.logprobs) == 1 and r.prompt_token_ids
         g = r.to_generation(policy_version=0)
-        assert g.completion_token_ids == (97, 98)
+        assert g.completion_token_ids == r.token_ids
         assert srv.requests == 1
     reqs, specs = read_requests([tmp_path / "r.jsonl"])
     assert reqs[0]["model"] == "expert" and reqs[0]["structured"] == "grammar" and reqs[0]["max_tokens"] == 8
-    assert reqs[0]["completion_tokens"] == 2 and reqs[0]["prompt_tokens"] == len(reqs[0]["prompt_token_ids"])
+    assert reqs[0]["completion_tokens"] == 1 and reqs[0]["prompt_tokens"] == len(reqs[0]["prompt_token_ids"])
