@@ -64,6 +64,7 @@ BENCHES: dict[str, str] = {
     "push": "gopo_online.bench_parts:bench_push",
     "learner": "trainer.bench:bench_learner",
     "scale": "workers.bench_scale:bench_scale",
+    "loop": "gopo_online.bench_loop:bench_loop",
 }
 """Benchmark name -> `module:function(cfg) -> list[Row]`, imported only when run."""
 

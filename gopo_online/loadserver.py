@@ -191,14 +191,21 @@ class LoadServer:
                 except json.JSONDecodeError as e:
                     self._send(400, {"error": {"message": f"body is not JSON: {e}"}})
                     return
-                if self.path.rstrip("/") != "/v1/chat/completions":
+                route = self.path.rstrip("/")
+                if route not in ("/v1/chat/completions", "/v1/completions"):
                     self._send(404, {"error": {"message": f"no route {self.path}"}})
                     return
                 if outer.delay_s:
                     time.sleep(outer.delay_s)
                 with outer._lock:
                     outer.requests += 1
-                self._send(200, outer.completion(body))
+                chat = outer.completion(body)
+                if route == "/v1/completions":  # replay: token-id prompt, exactly max_tokens tokens when min_tokens
+                    n = int(body.get("min_tokens") or 0) or len(chat["choices"][0]["token_ids"])
+                    chat = {**chat, "object": "text_completion", "choices": [
+                        {"index": 0, "text": "x" * n, "finish_reason": "length", "token_ids": [0] * n}]}  # fmt: skip
+                    chat["usage"] = {**chat["usage"], "completion_tokens": n}
+                self._send(200, chat)
 
         self._server = ThreadingHTTPServer((host, 0), Handler)
         self._server.daemon_threads = True
