@@ -127,3 +127,25 @@ def test_chat_client_against_load_server_logs_requests(tmp_path):
     reqs, specs = read_requests([tmp_path / "r.jsonl"])
     assert reqs[0]["model"] == "expert" and reqs[0]["structured"] == "grammar" and reqs[0]["max_tokens"] == 8
     assert reqs[0]["completion_tokens"] == 1 and reqs[0]["prompt_tokens"] == len(reqs[0]["prompt_token_ids"])
+
+
+def test_worker_writes_the_request_log_of_its_episodes(tmp_path):
+    """The real served agents, simulator and judge of a worker, against the load server: every request is logged."""
+    from gopo_online.config import load_config
+    from workers.controller import Dispatcher
+    from workers.rollout import WorkerContext, rollout
+
+    with LoadServer(("policy",)) as srv:
+        cfg = load_config(overrides=[f'serving.policy.url="{srv.root_url}"', f'run.output_dir="{tmp_path}"',
+                                     "simulator.max_turns=2"])  # fmt: skip
+        traj = rollout(Dispatcher(cfg).request(0, 0), WorkerContext(cfg=cfg, broker_url="memory://"))
+        assert traj.status == "ok", traj.error
+        logs = list((cfg.run.run_dir / "requests").glob("*.jsonl"))
+        assert len(logs) == 1
+        reqs, specs = read_requests(logs)
+        assert len(reqs) == srv.requests  # one line per chat request the episode made
+    kinds = {(r["model"], r["structured"]) for r in reqs}
+    assert ("policy", "grammar") in kinds and ("policy", "regex") in kinds  # agents (grammar), simulator/judge (regex)
+    assert all(r["structured_id"] in specs for r in reqs if r["structured"])
+    n = len(traj.turns)
+    assert len(reqs) >= 4 * n  # simulator, Expert, CS, judge per turn (+ the opening user turn)
