@@ -121,7 +121,7 @@ def bench_loop(cfg: GopoConfig, minutes: float = 3.0) -> list[Row]:
         cmd = [sys.executable, "-m", "gopo_online.cli", "train"] + [a for s in sets for a in ("--set", s)]
         t0 = time.perf_counter()
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60 * minutes + 600, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60 * minutes + 240, env=env)
         train_s = time.perf_counter() - t0
         run_dir = out / "loop"
         logs = sorted((run_dir / "requests").glob("*.jsonl"))
