@@ -66,6 +66,8 @@ BENCHES: dict[str, str] = {
     "judge": "simulator.judge_bench:bench_judge",
     "learning": "gopo_online.bench_learning:bench_learning",
     "faults": "workers.faults:bench_faults",
+    "scale": "workers.bench_scale:bench_scale",
+    "loop": "gopo_online.bench_loop:bench_loop",
 }
 """Benchmark name -> `module:function(cfg) -> list[Row]`, imported only when run."""
 OPT_IN = {"learning", "faults"}

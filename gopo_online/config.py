@@ -77,8 +77,23 @@ class ModelConfig(Section):
     """Local HF model folder for both policies; None uses the prepared SmolLM2-135M-Instruct."""
     served_name: str = "policy"
     """Base model name on the policy server."""
-    dtype: Literal["bfloat16", "float32", "float16", "auto"] = "bfloat16"
-    """Weights dtype for serving and training."""
+    dtype: Literal["bfloat16", "float32", "float16", "auto"] = "auto"
+    """Weights dtype of both the vLLM server and the learner. "auto": bfloat16 on a GPU; on a CPU bfloat16 only where
+    /proc/cpuinfo has avx512_bf16 or amx_bf16, else float32 (emulated bf16 halved decode and stalled the learner on
+    an AVX2-only CPU; see gopo_online/hardware.py and docs/throughput.md)."""
+    server_threads: int | None = Field(default=None, ge=1)
+    """OpenMP threads of each vLLM CPU server; None: from the core count (1 on <= 2 cores, else about half of the
+    cores left after one for workers/broker; docs/throughput.md)."""
+    learner_threads: int | None = Field(default=None, ge=1)
+    """Intra-op threads of the learner; None: from the core count (the other half)."""
+
+    @property
+    def resolved_dtype(self) -> str:
+        """`dtype` with "auto" resolved for a CPU from this machine's flags (the learner's dtype; the server resolves
+        for its own device)."""
+        from gopo_online.hardware import resolve_dtype
+
+        return resolve_dtype(self.dtype, device="cpu")
 
 
 class ServerConfig(Section):
@@ -144,6 +159,9 @@ class ExpertConfig(Section):
     """Sampling temperature of the Expert."""
     max_tokens: int = Field(default=128, ge=8)
     """Completion budget of one Expert decision (5 long skill names exceeded 64 tokens in a 30-min run)."""
+    skill_codes: bool = True
+    """Write two-letter skill codes (`ga, ex`; ~2 tokens a skill) mapped back to the names, not the names (~6-12
+    tokens a skill); the grammar keeps 1..max_skills distinct pool skills either way."""
 
 
 class CSConfig(Section):
@@ -260,8 +278,11 @@ class WorkersConfig(Section):
     """Celery worker processes the controller starts (0 with --no-spawn)."""
     concurrency: int = Field(default=4, ge=1)
     """Episodes each worker plays at once (threads)."""
-    max_in_flight: int = Field(default=8, ge=1)
-    """Most episodes dispatched and not yet finished."""
+    max_in_flight: int | None = Field(default=None, ge=1)
+    """Most episodes dispatched and not yet finished. None (default): count x concurrency, exactly the episodes the
+    spawned workers can play at once (more wait in the broker queue and only age, fewer leave worker threads idle).
+    Set it only with count = 0 (workers started elsewhere: their total concurrency); with count > 0 a value other
+    than count x concurrency is an error. See `in_flight_limit`."""
     max_retries: int = Field(default=2, ge=0)
     """Retries of an episode task after a transient failure."""
     episode_timeout_s: float = Field(default=600.0, gt=0)
@@ -272,6 +293,29 @@ class WorkersConfig(Section):
     restart_window_s: float = Field(default=600.0, gt=0)
     restart_backoff_s: float = Field(default=1.0, ge=0)
     """Delay before a part's first restart, doubled per further restart in the window (capped at 30 s, jittered)."""
+    request_log: bool = True
+    """Append every model request (prompt tokens, max_tokens, structured-output kind, adapter) to
+    run_dir/requests/<worker>.jsonl: the profile of a run, and what `bench --only loop` replays."""
+
+    @property
+    def in_flight_limit(self) -> int:
+        """The one number the controller dispatches up to: max_in_flight, else count x concurrency (count 0: one
+        worker's concurrency)."""
+        if self.max_in_flight is not None:
+            return self.max_in_flight
+        return max(1, self.count) * self.concurrency
+
+    @model_validator(mode="after")
+    def _feed(self) -> WorkersConfig:
+        cap = self.count * self.concurrency
+        if self.count > 0 and self.max_in_flight is not None and self.max_in_flight != cap:
+            raise ValueError(
+                f"workers.max_in_flight = {self.max_in_flight} disagrees with workers.count x workers.concurrency ="
+                f" {self.count} x {self.concurrency} = {cap}: "
+                + ("episodes would wait in the queue" if self.max_in_flight > cap else "worker threads would idle")
+                + "; leave max_in_flight unset (derived) or set it only with count = 0 (workers started elsewhere)"
+            )
+        return self
 
 
 class LearnerConfig(Section):

@@ -84,6 +84,8 @@ class EpisodeRequest(BaseModel):
     """GRPO group (workers/groups.py): the G requests of one (persona, scenario instance, seed) share it."""
     sample_index: int = Field(default=0, ge=0)
     """Place in the group: offsets the agents' sampling seeds, so members are different draws of the policy."""
+    dispatched_at: float | None = None
+    """Unix time the controller sent it (the worker's `queue` timing); None when not known."""
 
 
 class WeightsAnnouncement(BaseModel):

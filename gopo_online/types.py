@@ -255,6 +255,11 @@ class Trajectory(Record):
     def sim_flagged(self) -> bool:
         return bool(self.sim_flags)
 
+    timings: dict[str, float] = Field(default_factory=dict)
+    """Seconds of the episode-level phases outside its turns (`queue`: dispatch -> the worker started it); the turn
+    phases are in `Turn.timings`, `gopo_online.timings.episode_phases` adds them up. Optional and defaulted: records
+    written before it existed still read (schema_version 1)."""
+
     @model_validator(mode="after")
     def _invariants(self) -> Trajectory:
         if self.status == "error" and not self.error:
@@ -272,6 +277,9 @@ class Trajectory(Record):
         done = [n for n in self.task_completion_turns if n is not None]
         if done != sorted(done):
             raise ValueError(f"sequential tasks must complete in order, got {self.task_completion_turns}")
+        bad = {k: v for k, v in self.timings.items() if v < 0}
+        if bad:
+            raise ValueError(f"negative phase timings: {bad}")
         for t in self.turns:
             if t.rewards is not None and not math.isfinite(t.rewards.joint):
                 raise ValueError(f"turn {t.index}: joint reward is not finite")

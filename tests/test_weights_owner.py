@@ -20,8 +20,9 @@ ADMIN_ROUTES = (
     "/v1/unload_lora_adapter",
     "/v1/models",
 )
-READINESS_PROBES = {"gopo_online/serving/process.py": {"/v1/models"}}
-"""The server process waits for its model list to answer before it calls itself started: not a version read."""
+READINESS_PROBES = {"gopo_online/serving/process.py": {"/v1/models"}, "gopo_online/loadserver.py": {"/v1/models"}}
+"""The server process waits for its model list to answer before it calls itself started: not a version read. The
+instant-reply load server (bench only) SERVES the route, as vLLM does; it calls nothing."""
 LAYOUT_STRINGS = ("versions.json", "lora-v", "weights/")
 OWNER_ONLY_NAMES = {"AdminClient", "LoRATransport", "FullReloadTransport", "VersionRegistry", "atomic_dir"}
 BENCH = "gopo_online/bench_weights.py"

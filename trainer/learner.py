@@ -211,6 +211,9 @@ class Learner:
 
         # 1. one process, one thread per op (2 OpenMP threads next to a busy neighbour: 20x slower, DESIGN §5)
         os.environ.setdefault("OMP_NUM_THREADS", "1")
+        from gopo_online.hardware import resolve_threads
+
+        torch.set_num_threads(resolve_threads(self.cfg.model.learner_threads, "learner"))  # from the cores
         _init_single_process_dist()
         torch.manual_seed(self.cfg.run.seed)
         random.seed(self.cfg.run.seed)
@@ -220,7 +223,7 @@ class Learner:
         self.model_path = resolve_model_path(self.cfg.model)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.bf16 = self.cfg.model.dtype == "bfloat16"
+        self.bf16 = self.cfg.model.resolved_dtype == "bfloat16"  # "auto": bf16 only with native bf16 (hardware.py)
         dtype = torch.bfloat16 if self.bf16 else torch.float32  # DeepSpeed fp32 mode wants fp32 params
 
         def load():

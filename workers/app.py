@@ -275,6 +275,7 @@ def make_app(cfg: GopoConfig, broker_url: str, ctx: WorkerContext | None = None)
             traj = error_trajectory(request, reason, worker=ctx.worker_name, started_at=started_at)
         if not traj.worker:
             traj = traj.model_copy(update={"worker": ctx.worker_name})
+        t_publish = time.monotonic()
         try:
             ctx.get_publisher().publish(traj)
         except Exception as exc:  # noqa: BLE001 - broker trouble: retry the whole task (redelivery covers the rest)
@@ -283,7 +284,7 @@ def make_app(cfg: GopoConfig, broker_url: str, ctx: WorkerContext | None = None)
             raise
         done.mark_done(eid)
         done.release(eid)
-        ctx.emit_episode(traj)
+        ctx.emit_episode(traj, publish_s=time.monotonic() - t_publish)
         return {"status": traj.status, "episode_id": eid, "turns": len(traj.turns)}
 
     return app

@@ -9,7 +9,7 @@ on Ctrl-C or at the end of the budget:
    `serving.simulator = "same"`) and LoRA hot-loading, so the learner's Expert and CS adapters go live in place;
 3. the learner (`gopo-online learner`) and `workers.count` rollout workers (`gopo-online worker`), as child
    processes with their logs in run_dir/logs/;
-4. then it dispatches episodes (at most `workers.max_in_flight` in flight), follows the events fanout (episode,
+4. then it dispatches episodes (at most `workers.in_flight_limit` in flight), follows the events fanout (episode,
    learner and push events), writes run_dir/metrics.jsonl (+ TensorBoard) and shows the live dashboard.
 
 Supervised (workers/supervisor.py): a part that dies is restarted with backoff within a restart budget; a dead
@@ -299,7 +299,7 @@ def train(
                 queue=cfg.broker.task_queue,
                 serializer="json",
             ),  # fmt: skip
-            max_in_flight=cfg.workers.max_in_flight,
+            max_in_flight=cfg.workers.in_flight_limit,
             deadline_s=cfg.workers.episode_timeout_s * (cfg.workers.max_retries + 1) + 120.0,
         )
         if state.handed_back:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -115,6 +116,13 @@ def default_deps(ctx: WorkerContext) -> EpisodeDeps:
     root = root.rstrip("/").removesuffix("/v1")
     policy_client = client_from_config(cfg, root + "/v1")
     sim_client, sim_model, structured, sim_vllm = _sim_backend(cfg, policy_client)
+    if cfg.workers.request_log:
+        from gopo_online.requestlog import RequestLog
+
+        name = "".join(c if c.isalnum() or c in "-_." else "-" for c in ctx.worker_name)
+        rlog = RequestLog(cfg.run.run_dir / "requests" / f"{name}.jsonl")
+        for client in {id(policy_client): policy_client, id(sim_client): sim_client}.values():
+            client.request_log = rlog
     user_sim = make_user_simulator(cfg, sim_client, sim_model, structured=structured)
     judge = judge_or_none(cfg, sim_client, sim_model, vllm=sim_vllm)
 
@@ -174,11 +182,15 @@ class WorkerContext:
     publisher: TrajectoryPublisher | None = None
     events: EventPublisher | None = None
 
-    def emit_episode(self, traj: Trajectory) -> None:
+    def emit_episode(self, traj: Trajectory, publish_s: float | None = None) -> None:
         """Best effort: tell the controller (dashboard, metrics log) that an episode finished. The trajectory itself
-        already travelled on the durable queue, so a lost event costs one dashboard sample, nothing else."""
+        already travelled on the durable queue, so a lost event costs one dashboard sample, nothing else.
+
+        The event's metrics carry the per-phase seconds (`time/<phase>_s`, gopo_online.timings), `publish_s`
+        (the trajectory's publish, measured after it was sealed) among them."""
         from gopo_online.dashboard import episode_event
         from gopo_online.stream import EventPublisher
+        from gopo_online.timings import phase_metrics
 
         try:
             with self.lock:
@@ -187,6 +199,7 @@ class WorkerContext:
             metrics, payload = episode_event(
                 traj, self.cfg.rewards.tse_weights, self.cfg.rewards.tse_gamma, self.cfg.dashboard.excerpt_turns
             )
+            metrics.update(phase_metrics(traj, {"publish": publish_s} if publish_s is not None else None))
             self.events.emit("episode", metrics, payload)
         except Exception as e:  # noqa: BLE001 - monitoring must never fail an episode
             import logging
@@ -239,6 +252,7 @@ def rollout(request: EpisodeRequest, ctx: WorkerContext) -> Trajectory:
     from simulator.episode import play_episode
     from simulator.scenarios import sample_instance
 
+    started = time.time()
     persona = _persona(ctx, request.persona_id)
     instance = sample_instance(
         request.scenario_id, seed=request.seed or 0, demand=persona.extrinsic_demand, case_type=request.case_type
@@ -259,4 +273,9 @@ def rollout(request: EpisodeRequest, ctx: WorkerContext) -> Trajectory:
         agent_seed_offset=request.sample_index,
         **deps.extra,
     )
-    return traj.model_copy(update={"group_id": request.group_id}) if request.group_id else traj
+    if request.group_id:
+        traj = traj.model_copy(update={"group_id": request.group_id})
+    if request.dispatched_at is None:
+        return traj
+    # queue = dispatch -> this worker started it (clocks of one box, or NTP-synced ones in a cluster; never < 0)
+    return traj.model_copy(update={"timings": {**traj.timings, "queue": max(0.0, started - request.dispatched_at)}})

@@ -4,11 +4,19 @@ Both talk to an injected chat client (a `ChatClient`, or a fake with the same `c
 record the sampled token ids and logprobs as a `Generation` stamped with the policy version.
 
 Expert: state s^E_t = last k turns, user intent, user emotion, previous skills (gopo §3.2). Decoding is
-constrained by `expert_grammar`, so the answer is always 1..max distinct pool skills.
+constrained by `expert_grammar`, so the answer is always 1..max distinct pool skills. By default the Expert writes
+short skill codes (`ga, ex, vo`: one token each for SmolLM2), mapped back to the names: ~10 tokens for 5 skills
+instead of ~31-63 with the names spelled out. The grammar runs over the codes, the map is one-to-one, so the
+guarantee (1..max DISTINCT pool skills) is the same.
 CS agent: state s^A_t = the user utterance, the chosen skills written as HARD constraints (their required and
 forbidden content, their allowed action tags) and the business context B_t. Decoding is constrained to
 `ACTION: <tag>\\n<reply>` with the tag restricted to what the chosen skills allow; the reply is then checked by
 `check_compliance`, which counts every violated constraint.
+
+Prompts put what is stable first and what changes last, so vLLM's prefix cache reuses the shared part: the Expert's
+system prompt (instructions + the family's pool) is the same for every turn of every episode of a family; the CS
+system prompt (instructions + B_t) is the same for every turn of an episode and its past turns are a prefix of the
+next turn's, with the per-turn skills in the last message.
 """
 
 from __future__ import annotations
@@ -74,6 +82,53 @@ EXPERT_SYSTEM = (
     "between 1 and {max_skills} different skills from the skill pool, most important first. "
     "Answer with the skill names only, separated by commas.\n\nSkill pool:\n{pool}"
 )
+EXPERT_SYSTEM_CODES = (
+    "You are the strategy expert of a customer-service team. For the agent's next reply, choose 1 to {max_skills} "
+    "different skills, most important first. Answer with their codes only, comma-separated, e.g. `{example}`."
+    "\n\nSkills (code: name - when):\n{pool}"
+)
+
+# Two-letter codes that SmolLM2's tokenizer writes as ONE token both alone and after a space (computed from its
+# vocabulary), minus English words a model might write for their meaning. Any codes would be correct; these are
+# the cheap ones. Mnemonic ones (initials of the name's words) are picked first.
+_ONE_TOKEN_CODES = tuple(
+    """ab ac ad af ag ah ai ak al am ap ar au av aw ax ay az ba bb bc bg bh bi bl bo bp br bs bu ca cb cc cd ce cf
+    ch ci cl cm co cp cr cs ct cu cv cy da db dc dd de df dh di dl dm dp dr ds dt du dw dx dy ec ed eg el em en ep eq
+    er es et eu ev ex ey fa fc fd fe ff fg fh fi fl fn fo fp fr fs ft fu ga gc ge gh gi gl gn go gp gr gt gu gy ha hi
+    ho hp hr hy ib ic id ie ig ii il im io ip ir iv ix ja je jo js ju ka kb ke kg kh ki km kn ko kw la lb le li ll lo
+    lr ls ly ma mc md mg mi mk ml mm mo mp ms mt mu mx na nb nd ne ng ni nm nn np nr ns nt nu nx ny ob oc od oe ol om
+    oo op os ot ou ov ow ox oy oz pa pc pd pe pg ph pi pk pl pm po pp pr ps pt pu pv py qu ra rc rd re rh rm ro rs rt
+    ru rv sa sc se sf sg sh si sk sl sm sn sp sq sr ss st su sv sw sy ta tb te tf th ti tk tm tr ts tu tv tw tx ty tz
+    ub uk ul um un ur ut uv va ve vi vm vo vs wa wh wr ws wt wx xi xs xx xy ya ye yr ze zo zu""".split()
+)
+
+
+@functools.lru_cache(maxsize=64)
+def _skill_codes(names: tuple[str, ...]) -> tuple[str, ...]:
+    free = dict.fromkeys(_ONE_TOKEN_CODES)
+    codes: list[str] = []
+    for name in names:
+        words = [w for w in name.split("_") if w]
+        wanted = [
+            words[0][0] + words[1][0] if len(words) > 1 else "",  # greet_and_acknowledge -> ga
+            words[0][:2],  # express_empathy -> ex
+            words[0][0] + words[-1][0] if len(words) > 1 else "",
+            *(words[0][0] + c for c in name[1:] if c != "_"),
+        ]
+        code = next((c for c in wanted if c in free), None) or next(iter(free), None)
+        if code is None:
+            raise ValueError(f"no skill code left for {name!r}: a pool of {len(names)} is too large")
+        del free[code]
+        codes.append(code)
+    return tuple(codes)
+
+
+def skill_codes(names: Sequence[str]) -> dict[str, str]:
+    """name -> short code, one-to-one, stable for a given pool order (a pure function of the names)."""
+    names = tuple(names)
+    if len(set(names)) != len(names):
+        raise ValueError(f"the skill pool has duplicates: {sorted(n for n in names if names.count(n) > 1)}")
+    return dict(zip(names, _skill_codes(names), strict=True))
 
 
 def format_history(history: Sequence[DialogueTurn], k: int) -> str:
@@ -112,13 +167,25 @@ class ExpertAgent:
         emotion: str,
         previous_skills: Sequence[str] = (),
     ) -> list[dict[str, str]]:
-        """The chat messages of s^E_t (exposed so tests and the learner can see exactly what was asked)."""
-        pool_text = "\n".join(f"- {s.name}: {s.description}" for s in pool)
-        system = EXPERT_SYSTEM.format(max_skills=min(self.cfg.max_skills, len(pool)), pool=pool_text)
+        """The chat messages of s^E_t (exposed so tests and the learner can see exactly what was asked).
+
+        System: instructions and the pool only (stable across turns and episodes: the prefix cache's part); user:
+        this turn's state."""
+        k = min(self.cfg.max_skills, len(pool))
+        if self.cfg.skill_codes:
+            codes = skill_codes([s.name for s in pool])
+            pool_text = "\n".join(f"{codes[s.name]}: {s.name} - {s.description}" for s in pool)
+            example = ", ".join(list(codes.values())[: min(2, k)])
+            system = EXPERT_SYSTEM_CODES.format(max_skills=k, pool=pool_text, example=example)
+            prev = ", ".join(codes.get(p, p) for p in previous_skills) if previous_skills else "none"
+        else:
+            pool_text = "\n".join(f"- {s.name}: {s.description}" for s in pool)
+            system = EXPERT_SYSTEM.format(max_skills=k, pool=pool_text)
+            prev = ", ".join(previous_skills) if previous_skills else "none"
         user = (
             f"Dialogue so far:\n{format_history(history, self.cfg.history_k)}\n\n"
             f"User intent: {intent}\nUser emotion: {emotion}\n"
-            f"Previous skills: {', '.join(previous_skills) if previous_skills else 'none'}\n\n"
+            f"Previous skills: {prev}\n\n"
             "Skills for the next reply:"
         )
         return [{"role": "system", "content": system}, {"role": "user", "content": user}]
@@ -136,7 +203,9 @@ class ExpertAgent:
         policy_version: int | None = None,
     ) -> ExpertDecision:
         names = [s.name for s in pool]
-        grammar = expert_grammar(names, self.cfg.max_skills)
+        codes = skill_codes(names) if self.cfg.skill_codes else {n: n for n in names}
+        words = list(codes.values())
+        grammar = expert_grammar(words, self.cfg.max_skills)
         result = self.client.chat(
             self.messages(pool, history, intent, emotion, previous_skills),
             model=model or self.model,
@@ -146,7 +215,8 @@ class ExpertAgent:
             structured={"grammar": grammar},
         )
         try:
-            skills = parse_expert_output(result.text, names, self.cfg.max_skills)
+            by_code = {c: n for n, c in codes.items()}
+            skills = tuple(by_code[c] for c in parse_expert_output(result.text, words, self.cfg.max_skills))
         except ValueError as e:
             raise AgentOutputError(f"expert output failed its grammar ({result.finish_reason}): {e}") from e
         version = self.policy_version if policy_version is None else policy_version
@@ -167,12 +237,14 @@ class CSReply:
 
 
 CS_SYSTEM = (
-    "You are a polite customer-service agent of an online shop. Write the next reply to the customer.\n\n"
-    "HARD CONSTRAINTS: follow every skill below. A reply that breaks one is a failure.\n{skills}\n\n"
-    "Business context:\n{context}\n\n"
-    "Output format: the first line is `ACTION: <tag>` with the tag chosen from: {actions}. "
-    "Then the reply to the customer, in a few sentences."
+    "You are a polite customer-service agent of an online shop. Write the next reply to the customer.\n"
+    "Each customer message ends with the skills for that reply: they are HARD CONSTRAINTS, a reply that breaks one "
+    "is a failure.\n"
+    "Output format: the first line is `ACTION: <tag>` with a tag the skills allow, then the reply to the customer "
+    "in a few sentences.\n\n"
+    "Business context:\n{context}"
 )
+CS_TURN = "{utterance}\n\n[HARD CONSTRAINTS for this reply]\n{skills}\nACTION tag, one of: {actions}"
 
 _CS_PATTERN = re.compile(r"\AACTION: ([a-z][a-z0-9_]*)\n(.*)\Z", re.DOTALL)
 _TAG = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -236,21 +308,22 @@ class CSAgent:
         history: Sequence[DialogueTurn] = (),
         actions: Sequence[str] | None = None,
     ) -> list[dict[str, str]]:
-        """The chat messages of s^A_t: system prompt with constraints and B_t, past turns, then the utterance."""
+        """The chat messages of s^A_t: system prompt with the instructions and B_t (stable for the episode), past turns
+        (a prefix of the next turn's), then the utterance with this turn's skills as hard constraints."""
         actions = tuple(actions) if actions is not None else allowed_actions(skills, self.default_actions)
         blocks = []
         for i, s in enumerate(skills, 1):
             lines = "".join(f"\n   - {line}" for line in constraint_lines(s))
             blocks.append(f"{i}. {s.name}: {s.description}{lines}")
-        system = CS_SYSTEM.format(
-            skills="\n".join(blocks) or "(no skills)", context=format_context(context), actions=", ".join(actions)
-        )
-        msgs = [{"role": "system", "content": system}]
+        msgs = [{"role": "system", "content": CS_SYSTEM.format(context=format_context(context))}]
         for turn in list(history)[-self.cfg.history_k :]:
             msgs.append({"role": "user", "content": turn.user})
             if turn.agent:
                 msgs.append({"role": "assistant", "content": turn.agent})
-        msgs.append({"role": "user", "content": utterance})
+        last = CS_TURN.format(
+            utterance=utterance, skills="\n".join(blocks) or "(no skills)", actions=", ".join(actions)
+        )
+        msgs.append({"role": "user", "content": last})
         return msgs
 
     def reply(

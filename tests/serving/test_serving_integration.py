@@ -104,6 +104,8 @@ def test_expert_always_returns_distinct_pool_skills(client):
     names = {s.name for s in POOL}
     for d in decisions:
         assert 1 <= len(d.skills) <= 5 and len(set(d.skills)) == len(d.skills) and set(d.skills) <= names
+        # the default Expert writes two-letter codes: at most 5 codes + 4 ", " (the names took 31-63 tokens)
+        assert len(d.generation.text) <= 5 * 2 + 4 * 2 and len(d.generation.completion_token_ids) <= 19
         assert d.generation.completion_token_ids and len(d.generation.logprobs) == len(
             d.generation.completion_token_ids
         )

@@ -1,0 +1,151 @@
+"""`bench --only loop`: how much of the bare engine the training loop gets.
+
+1. A real, short `gopo-online train` (its own vLLM server, workers, learner) writes its request log
+   (run_dir/requests/*.jsonl, `workers.request_log`).
+2. A fresh policy server with the same flags replays the SAME requests: the same prompt token ids, the same number
+   of generated tokens (min_tokens = max_tokens = what the loop got, ignore_eos), at the loop's concurrency
+   (`workers.in_flight_limit` requests at once), on the base model, without structured output.
+3. Rows: the loop's rollout tok/s (generated tokens / span of its requests), the replay's, their ratio, and the
+   loop's episodes/min and learner steps from its metrics.
+
+Replay is the ceiling for this request mix; the loop falls short of it by what sits between requests (simulator
+and judge parsing, admin calls, the queue, the learner's CPU share). Imports nothing heavy at module level.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from gopo_online.bench import Row, _row
+from gopo_online.config import GopoConfig
+
+
+def loop_rate(reqs: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Generated tokens, span (first start -> last end), tok/s and mean requests in flight of a request log."""
+    if not reqs:
+        raise ValueError("the request log is empty: the run made no model request")
+    start = min(r["t"] for r in reqs)
+    end = max(r["t"] + r["latency_s"] for r in reqs)
+    span = max(end - start, 1e-9)
+    tokens = sum(r["completion_tokens"] for r in reqs)
+    prompt = sum(r["prompt_tokens"] for r in reqs)
+    return {
+        "requests": float(len(reqs)),
+        "generated_tokens": float(tokens),
+        "prompt_tokens": float(prompt),
+        "span_s": span,
+        "tok_per_s": tokens / span,
+        "prompt_tok_per_s": prompt / span,
+        "mean_in_flight": sum(r["latency_s"] for r in reqs) / span,
+    }
+
+
+def replay(base_url: str, model: str, reqs: Sequence[Mapping[str, Any]], concurrency: int, timeout_s: float = 300.0):
+    """Send every request of the log again (token-id prompts, exactly as many generated tokens) with `concurrency`
+    at once; returns {generated_tokens, wall_s, tok_per_s, prompt_tokens}."""
+    import httpx
+
+    todo = [r for r in reqs if r["prompt_token_ids"] and r["completion_tokens"] > 0]
+    if not todo:
+        raise ValueError("no replayable request (prompt token ids and generated tokens) in the log")
+
+    def one(client: httpx.Client, r: Mapping[str, Any]) -> int:
+        n = int(r["completion_tokens"])
+        body = {"model": model, "prompt": list(r["prompt_token_ids"]), "max_tokens": n, "min_tokens": n,
+                "ignore_eos": True, "temperature": float(r.get("temperature", 1.0))}  # fmt: skip
+        resp = client.post(f"{base_url}/completions", json=body, timeout=timeout_s)
+        resp.raise_for_status()
+        return int(resp.json()["usage"]["completion_tokens"])
+
+    with httpx.Client(limits=httpx.Limits(max_connections=concurrency + 2)) as client:
+        one(client, todo[0])  # warm-up, not timed
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            tokens = sum(pool.map(lambda r: one(client, r), todo))
+        wall = time.perf_counter() - t0
+    return {
+        "generated_tokens": float(tokens),
+        "prompt_tokens": float(sum(r["prompt_tokens"] for r in todo)),
+        "wall_s": wall,
+        "tok_per_s": tokens / wall,
+    }
+
+
+def _metrics(run_dir: Path) -> dict[str, float]:
+    episodes = steps = 0
+    first = last = None
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                ev = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            kind = ev.get("kind")
+            t = ev.get("time")
+            if isinstance(t, int | float):
+                first = t if first is None else min(first, t)
+                last = t if last is None else max(last, t)
+            if kind == "episode":
+                episodes += 1
+            elif kind == "learner":
+                steps = max(steps, int(ev.get("step") or 0))
+    minutes = ((last - first) / 60.0) if first is not None and last is not None and last > first else None
+    return {
+        "episodes": float(episodes),
+        "learner_steps": float(steps),
+        "episodes_per_min": episodes / minutes if minutes else 0.0,
+    }
+
+
+def bench_loop(cfg: GopoConfig, minutes: float = 3.0) -> list[Row]:
+    """Run a `minutes`-long train, then replay its request log on a bare server (see the module docstring)."""
+    from gopo_online.requestlog import read_requests, summarize
+    from gopo_online.serving.process import server_from_config
+
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="gopo-loop-") as tmp:
+        out = Path(tmp) / "runs"
+        sets = [f"run.output_dir={json.dumps(str(out))}", 'run.name="loop"', f"run.max_minutes={minutes}",
+                "run.resume=false", "dashboard.enabled=false", "dashboard.tensorboard=false",
+                "workers.request_log=true"]  # fmt: skip
+        cmd = [sys.executable, "-m", "gopo_online.cli", "train"] + [a for s in sets for a in ("--set", s)]
+        t0 = time.perf_counter()
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60 * minutes + 240, env=env)
+        train_s = time.perf_counter() - t0
+        run_dir = out / "loop"
+        logs = sorted((run_dir / "requests").glob("*.jsonl"))
+        if not logs:
+            raise RuntimeError(f"train wrote no request log (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+        reqs, _specs = read_requests(logs)
+        loop = loop_rate(reqs)
+        m = _metrics(run_dir)
+        concurrency = cfg.workers.in_flight_limit
+        rows.append(_row("loop", "train.rollout_tok_per_s", loop["tok_per_s"], "tok/s", requests=int(loop["requests"]),
+                         mean_in_flight=round(loop["mean_in_flight"], 2), train_s=round(train_s, 1),
+                         rc=proc.returncode))  # fmt: skip
+        rows.append(_row("loop", "train.prompt_tok_per_s", loop["prompt_tok_per_s"], "tok/s"))
+        rows.append(_row("loop", "train.episodes_per_min", m["episodes_per_min"], "episodes/min",
+                         episodes=int(m["episodes"]), learner_steps=int(m["learner_steps"])))  # fmt: skip
+        rows.append(_row("loop", "train.requests_by_kind", len(reqs), "requests", by_kind=summarize(reqs)))
+        server = server_from_config(cfg, "policy")
+        server.log_path = Path(tmp) / "replay-vllm.log"
+        server.start()
+        try:
+            r = replay(server.base_url, cfg.model.served_name, reqs, concurrency)
+        finally:
+            server.stop()
+        rows.append(_row("loop", "replay.tok_per_s", r["tok_per_s"], "tok/s", concurrency=concurrency,
+                         wall_s=round(r["wall_s"], 1)))  # fmt: skip
+        rows.append(_row("loop", "ratio_loop_to_replay", loop["tok_per_s"] / r["tok_per_s"], "x", target=0.9))
+    return rows

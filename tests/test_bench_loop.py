@@ -1,0 +1,42 @@
+"""`bench --only loop` parts: the loop's rate from a request log, and the replay (against the load server here;
+the bench replays on a real vLLM server)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gopo_online.bench_loop import _metrics, loop_rate, replay
+from gopo_online.loadserver import LoadServer
+
+
+def _req(t: float, lat: float, n: int, prompt: int = 5) -> dict:
+    return {"t": t, "latency_s": lat, "completion_tokens": n, "prompt_tokens": prompt,
+            "prompt_token_ids": list(range(prompt)), "temperature": 1.0}  # fmt: skip
+
+
+def test_loop_rate_spans_first_start_to_last_end():
+    r = loop_rate([_req(10.0, 2.0, 20), _req(11.0, 3.0, 30), _req(13.0, 1.0, 10)])
+    assert r["span_s"] == 4.0 and r["generated_tokens"] == 60 and r["tok_per_s"] == 15.0
+    assert r["mean_in_flight"] == 1.5 and r["prompt_tok_per_s"] == 15 / 4
+    with pytest.raises(ValueError, match="empty"):
+        loop_rate([])
+
+
+def test_replay_sends_the_same_work():
+    reqs = [_req(float(i), 0.1, 3 + i % 4) for i in range(12)]
+    with LoadServer() as srv:
+        r = replay(srv.base_url, "policy", reqs, concurrency=4)
+        assert srv.requests == 13  # 1 warm-up + every request of the log
+    assert r["generated_tokens"] == sum(q["completion_tokens"] for q in reqs) and r["tok_per_s"] > 0
+    with pytest.raises(ValueError, match="no replayable"):
+        replay("http://127.0.0.1:1/v1", "policy", [_req(0.0, 0.1, 0)], concurrency=1)
+
+
+def test_metrics_counts_episodes_and_steps(tmp_path):
+    lines = [{"time": 0.0, "kind": "episode", "step": 1}, {"time": 30.0, "kind": "learner", "step": 2},
+             {"time": 60.0, "kind": "episode", "step": 2}]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    m = _metrics(tmp_path)
+    assert m == {"episodes": 2.0, "learner_steps": 2.0, "episodes_per_min": 2.0}
