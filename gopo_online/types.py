@@ -50,7 +50,8 @@ class GrammarRef(Record):
     """`expert_skills`: `gopo_online.skills.expert_grammar(choices, max_items)`; `cs_action`:
     `gopo_online.serving.agents.cs_grammar(choices)`."""
     choices: tuple[str, ...] = Field(min_length=1)
-    """The skill pool (expert) or the allowed action tags (CS), in the order given to the grammar."""
+    """The words the grammar admitted, in the order given to it: the skill pool as the decoder wrote it (its skill
+    codes when `agents.expert.skill_codes` is on, else the names) for the expert; the allowed action tags for CS."""
     max_items: int = Field(default=0, ge=0)
     """Expert: the most skills the grammar admits; 0 for the CS grammar."""
 

@@ -220,7 +220,8 @@ class ExpertAgent:
         except ValueError as e:
             raise AgentOutputError(f"expert output failed its grammar ({result.finish_reason}): {e}") from e
         version = self.policy_version if policy_version is None else policy_version
-        ref = GrammarRef(kind="expert_skills", choices=tuple(names), max_items=self.cfg.max_skills)
+        # the grammar the decoder ran under: over the codes when skill codes are on (the learner replays it)
+        ref = GrammarRef(kind="expert_skills", choices=tuple(words), max_items=self.cfg.max_skills)
         generation = result.to_generation(version).model_copy(update={"grammar": ref})
         return ExpertDecision(skills=skills, generation=generation)
 

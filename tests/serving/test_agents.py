@@ -132,6 +132,18 @@ def test_expert_writes_codes_and_returns_names():
     assert "ov: offer_voucher - Offer a voucher." in system and "Previous skills: co" in user
 
 
+@pytest.mark.parametrize("codes", [True, False])
+def test_expert_grammar_ref_rebuilds_the_grammar_the_server_got(codes):
+    """The learner replays `Generation.grammar` to mask its logits like the server did: with skill codes the
+    decoder's grammar runs over the codes, so the recorded reference must name the codes, not the skill names."""
+    from trainer.grammar import grammar_text
+
+    fake = FakeBackend("ov, ap" if codes else "offer_voucher, apologize")
+    agent = ExpertAgent(fake, model="a", policy_version=1, cfg=ExpertConfig(skill_codes=codes))
+    d = agent.decide(POOL, [DialogueTurn("where is it?")], "complain_delay", "angry")
+    assert grammar_text(d.generation.grammar) == fake.calls[0]["structured"]["grammar"]
+
+
 @pytest.mark.parametrize("text", ["ov, ov", "offer_voucher", "ov, zz", ""])
 def test_expert_codes_keep_the_distinct_pool_guarantee(text):
     with pytest.raises(AgentOutputError):
