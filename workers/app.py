@@ -317,8 +317,43 @@ def resolve_broker_url(cfg: GopoConfig) -> str:
     )
 
 
+EPISODE_MODULES = (
+    "httpx",
+    "openai",
+    "gopo_online.dashboard",
+    "gopo_online.requestlog",
+    "gopo_online.rubric",
+    "gopo_online.serving.agents",
+    "gopo_online.serving.client",
+    "gopo_online.serving.judge",
+    "gopo_online.serving.weights",
+    "gopo_online.stream",
+    "gopo_online.timings",
+    "gopo_online.types",
+    "simulator.agenda",
+    "simulator.episode",
+    "simulator.judging",
+    "simulator.personas",
+    "simulator.scenarios",
+    "simulator.serving_adapters",
+    "simulator.user",
+    "workers.rollout",
+)
+"""What the episode path imports inside functions. `preimport` loads them before the pool's threads start: two
+threads importing one module at once can see it half initialised (a loop run lost an episode to "partially
+initialized module 'httpx' has no attribute 'Response'")."""
+
+
+def preimport(modules: tuple[str, ...] = EPISODE_MODULES) -> None:
+    import importlib
+
+    for name in modules:
+        importlib.import_module(name)
+
+
 def run_worker(cfg: GopoConfig, ctx: WorkerContext | None = None) -> None:
     """Run a Celery worker (threads pool, `workers.concurrency` threads) on the episode queue until stopped."""
+    preimport()
     url = resolve_broker_url(cfg)
     app = make_app(cfg, url, ctx)
     worker = app.Worker(

@@ -145,3 +145,33 @@ def test_run_episode_end_to_end_on_real_worker(kind: str) -> None:
     assert all(t.worker for t in got.values())
     assert [r["reason"].split(":")[0] for r in letters] == ["invalid EpisodeRequest"]
     assert depth["task"] == 0 and depth["trajectory"] == 0  # everything acked
+
+
+def test_every_module_the_episode_path_imports_lazily_is_preimported() -> None:
+    """The rollout threads must find every lazily imported module already loaded (see workers.app.preimport):
+    scan the episode path's function-level imports and check each is in EPISODE_MODULES (or the stdlib)."""
+    import ast
+    import sys
+    from pathlib import Path
+
+    from workers.app import EPISODE_MODULES, preimport
+
+    root = Path(__file__).resolve().parents[2]
+    files = ["workers/rollout.py", "simulator/episode.py", "simulator/agenda.py", "simulator/user.py",
+             "simulator/serving_adapters.py", "simulator/judging.py", "gopo_online/serving/client.py",
+             "gopo_online/serving/agents.py", "gopo_online/serving/judge.py", "gopo_online/stream.py"]  # fmt: skip
+    lazy = set()
+    for rel in files:
+        tree = ast.parse((root / rel).read_text())
+        for fn in ast.walk(tree):
+            if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                for node in ast.walk(fn):
+                    if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                        lazy.add(node.module)
+                    elif isinstance(node, ast.Import):
+                        lazy.update(a.name for a in node.names)
+    third_party = {m for m in lazy if m.split(".")[0] not in sys.stdlib_module_names}
+    # the sentence-embedding model (torch) loads under SkillDistance's own lock, once per process
+    missing = sorted(m for m in third_party - set(EPISODE_MODULES) if m != "gopo_online.serving.embedding")
+    assert missing == [], f"add to workers.app.EPISODE_MODULES: {missing}"
+    preimport()
