@@ -279,14 +279,11 @@ def totals(run_dir: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
     handed_back = {p["episode_id"] for p in state.get("handed_back", [])}
     held = {eid for r in rows for eid in r.get("held", [])}
     lost_held = sorted(e for e in held if e not in finished and e not in handed_back)
-    trained = 0
-    lm = run_dir / "learner_metrics.jsonl"
-    if lm.is_file():
-        for line in lm.read_text().splitlines():
-            try:
-                trained += int(json.loads(line).get("learner/episodes", 0))
-            except ValueError:
-                continue
+    # what the learner trained, from the trajectory store it writes after each step (one record per trajectory)
+    from gopo_online.trajectory_store import read_records
+
+    trained_ids = Counter(r["episode_id"] for r in read_records(run_dir, dedupe=False) if r.get("outcome") == "trained")
+    trained = len(trained_ids)
     pushes = [e["metrics"].get("sys/policy_version", 0) for e in events if e["kind"] == "push"]
     return {
         "dispatched": state["dispatched"],
@@ -295,6 +292,7 @@ def totals(run_dir: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "lost": state["lost"] + len(lost_held),
         "lost_held": lost_held,
         "duplicated": sum(n - 1 for n in finished.values() if n > 1),
+        "trained_twice": sorted(e for e, n in trained_ids.items() if n > 1),
         "handed_back": len(handed_back),
         "restarts": sum(e["kind"] == "restart" for e in events),
         "versions_monotonic": pushes == sorted(pushes),

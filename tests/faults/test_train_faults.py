@@ -35,7 +35,7 @@ def test_train_survives_worker_and_broker_kills(tmp_path: Path) -> None:
     assert rows["worker"]["recovered_s"] < 240
     # ... and was played to the end, or handed back to the queue at the stop: never lost, never twice
     assert t["lost"] == 0 and t["lost_held"] == [], t
-    assert t["duplicated"] == 0, t
+    assert t["duplicated"] == 0 and t["trained_twice"] == [], t
     assert t["restarts"] >= 2 and t["versions_monotonic"], t
     assert "restart: worker-" in out and "restart: broker" in out
     assert t["trained"] >= 2  # the learner trained after the broker came back
