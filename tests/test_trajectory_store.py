@@ -97,9 +97,9 @@ def test_the_consumer_keeps_its_dead_letters_in_the_store(redis_url: str, tmp_pa
 
 def test_learner_outcomes_follow_staleness_then_errors() -> None:
     """What the learner records per trajectory: the same staleness and error rules `Learner.step` applies."""
-    from trainer.learner import _outcomes
+    from trainer.learner import admit
 
     batch = [traj("fresh", version=4), traj("old", version=2), traj("edge", version=3), traj("err", None, "error")]
     # learner at v4, max_staleness 1: v3 is within budget, v2 is not; an error episode is never trained
-    got = {t.episode_id: o for t, o in _outcomes(batch, version=4, max_staleness=1)}
+    got = admit(batch, version=4, max_staleness=1).outcomes
     assert got == {"fresh": "trained", "old": "dropped_stale", "edge": "trained", "err": "error"}

@@ -166,6 +166,34 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+@dataclass(frozen=True)
+class Admission:
+    """What phase 1 of `Learner.step` keeps of a batch, and what became of every trajectory in it."""
+
+    ok: list[Trajectory]
+    n_stale: int
+    future: list[Any]
+    n_error: int
+    n_sim_flagged: int
+    outcomes: dict[str, str]
+    """Episode id -> trajectory_store outcome: trained | dropped_stale | rejected_future | error | sim_flagged."""
+
+
+def admit(trajectories: Iterable[Trajectory], version: int, max_staleness: int) -> Admission:
+    """Drop stale and future-version trajectories (`split_versions`), then error episodes, then the ones the
+    simulator's quality gates flagged; the rest are trained on."""
+    trajectories = list(trajectories)
+    fresh, n_stale, future = split_versions(trajectories, version, max_staleness)
+    no_error, n_err = drop_errors(fresh)
+    ok, n_flagged = drop_sim_flagged(no_error)
+    outcomes = dict.fromkeys((t.episode_id for t in trajectories), "dropped_stale")
+    outcomes.update((r.episode_id, "rejected_future") for r in future)
+    outcomes.update((t.episode_id, "error") for t in fresh)
+    outcomes.update((t.episode_id, "sim_flagged") for t in no_error)
+    outcomes.update((t.episode_id, "trained") for t in ok)
+    return Admission(ok, n_stale, future, n_err, n_flagged, outcomes)
+
+
 class Learner:
     """Setup / step / checkpoint / cleanup of the two-policy GOPO learner."""
 
@@ -193,6 +221,8 @@ class Learner:
         self.steps_since_push = 0
         self.dropped_stale_total = 0
         self.dropped_future_total = 0
+        self.last_outcomes: dict[str, str] = {}
+        """Episode id -> what the last `step` did with it (trajectory_store outcomes), decided in `_admit`."""
         self.grammar_masks = None
         """trainer.grammar.GrammarMasks when learner.grammar_mask (built in setup)."""
         self.lora = self.lc.finetune == "lora"
@@ -343,12 +373,13 @@ class Learner:
         return st
 
     def _admit(self, trajectories: Iterable[Trajectory], st: StepStats) -> list[Trajectory]:
-        """Phase 1: drop stale (counted), future-version (rejected with a reason) and error episodes."""
-        fresh, dropped, future = split_versions(trajectories, self.version, self.lc.max_staleness)
-        for r in future:
+        """Phase 1: drop stale (counted), future-version (rejected with a reason), error and simulator-flagged
+        episodes; what became of each is kept in `last_outcomes` (the trajectory store records it)."""
+        a = admit(trajectories, self.version, self.lc.max_staleness)
+        for r in a.future:
             self.log(f"[learner] rejected episode {r.episode_id}: {r.reason}: {r.detail}")
-        ok, n_err = drop_errors(fresh)
-        ok, n_flagged = drop_sim_flagged(ok)
+        ok, dropped, future, n_err, n_flagged = a.ok, a.n_stale, a.future, a.n_error, a.n_sim_flagged
+        self.last_outcomes = a.outcomes
         self.dropped_stale_total += dropped
         self.dropped_future_total += len(future)
         st.dropped_stale, st.dropped_stale_total = dropped, self.dropped_stale_total
@@ -804,7 +835,7 @@ def _loop(cfg: GopoConfig, run: _Run, on_metrics: Callable[[Mapping[str, float]]
         t_step = time.perf_counter()
         step_before, version_before = learner.global_step, learner.version
         metrics = learner.step(batch)
-        run.store.append_batch(_outcomes(batch, version_before, cfg.learner.max_staleness), version_before)
+        run.store.append_batch([(t, learner.last_outcomes[t.episode_id]) for t in batch], version_before)
         run.ack([t.episode_id for t in batch])
         if learner.global_step > step_before:
             run.emit(events_lib.learner(metrics, learner.global_step, time.perf_counter() - t_step))
@@ -842,30 +873,6 @@ def _catch_up_with_registry(learner: Learner, sync: Any) -> None:
         learner.log(f"[learner] registry at v{ahead} > checkpoint v{learner.version}: publishing as v{ahead + 1}")
         learner.version = ahead + 1
         learner._publish(learner.export_weights(learner.version))
-
-
-def _outcomes(batch: list[Trajectory], version: int, max_staleness: int) -> list[tuple[Trajectory, str]]:
-    """What `Learner.step` (at `version`) did with each trajectory: the same split_versions / drop_errors it uses."""
-    fresh, _, future = split_versions(batch, version, max_staleness)
-    ok, _ = drop_errors(fresh)
-    trained, _ = drop_sim_flagged(ok)
-    fresh_ids, ok_ids, trained_ids = (
-        {t.episode_id for t in fresh},
-        {t.episode_id for t in ok},
-        {t.episode_id for t in trained},
-    )
-    future_ids = {r.episode_id for r in future}
-
-    def outcome(t: Trajectory) -> str:
-        if t.episode_id in trained_ids:
-            return "trained"
-        if t.episode_id in ok_ids:
-            return "sim_flagged"
-        if t.episode_id in fresh_ids:
-            return "error"
-        return "rejected_future" if t.episode_id in future_ids else "dropped_stale"
-
-    return [(t, outcome(t)) for t in batch]
 
 
 def _safe_emit(events: Any) -> Callable[[Any], None]:

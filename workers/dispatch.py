@@ -62,8 +62,8 @@ class InFlight:
             return sent
         while len(self.out) < self.max_in_flight and budget_left - len(sent) > 0:
             req = self.request(next_index + len(sent), version)
-            if "dispatched_at" in type(req).model_fields:  # the worker's `queue` timing (Unix time: another process)
-                req = req.model_copy(update={"dispatched_at": time.time()})
+            # the worker's `queue` timing (Unix time: it is read in another process)
+            req = req.model_copy(update={"dispatched_at": time.time()})
             payload = req.model_dump(mode="json")
             self.send(payload)
             self.out[req.episode_id] = Out(payload, self.clock() + self.deadline_s)
