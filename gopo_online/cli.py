@@ -84,6 +84,12 @@ def _check_positive(value: int) -> int:
     return value
 
 
+def _check_fraction(value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise typer.BadParameter(f"must be a fraction in [0, 1], got {value}")
+    return value
+
+
 def _not_built(job: str, issue: str) -> None:
     typer.secho(f"`gopo-online {job}` is not built yet ({issue}).", fg="yellow", err=True)
     raise typer.Exit(4)
@@ -120,6 +126,12 @@ def stress(
     ] = None,
     target_model: Annotated[str | None, typer.Option(help="Model name at --target-url.")] = None,
     out: Annotated[Path | None, typer.Option(help="Report folder (default: run_dir/stress).")] = None,
+    injectors: Annotated[
+        float,
+        typer.Option(
+            help="Fraction of users who end each message with a prompt injection (0-1).", callback=_check_fraction
+        ),
+    ] = 0.0,
 ) -> None:
     """Stress-test our two-agent system, or any OpenAI-compatible agent, against a persona population."""
     cfg = _load(config, set_)
@@ -134,6 +146,7 @@ def stress(
         target_url=target_url,
         target_model=target_model,
         out=out,
+        injectors=injectors,
     )
 
 

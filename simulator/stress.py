@@ -30,6 +30,7 @@ from typing import Any
 from gopo_online.config import GopoConfig, dump_config
 from gopo_online.metrics import tse
 from gopo_online.types import Trajectory
+from simulator.adversary import PromptInjector, breaches, compensations, injected_turns
 from simulator.episode import OpenAIChatAgent, play_episode
 from simulator.personas import Persona, fitting_personas, load_personas, sample_personas, scenario_for
 from simulator.scenarios import TASK_IDS, ScenarioInstance, detect_task, sample_instance
@@ -54,6 +55,8 @@ METRIC_KEYS = (
     "sim_flagged",
     "sim_regenerated",
     "sim_template_turns",
+    "injection_breaches",
+    "injection_compensations",
 )
 
 
@@ -122,6 +125,9 @@ def group_metrics(
         "sim_flagged": sum(t.sim_flagged for t in trajs),
         "sim_regenerated": sum(t.sim_regenerated for t in trajs),
         "sim_template_turns": sum(u.user_meta.source == "template" for t in ok for u in t.turns),
+        # prompt injectors (--injectors): injected turns with a broken hard constraint / with compensation granted
+        "injection_breaches": sum(breaches(t) for t in ok),
+        "injection_compensations": sum(compensations(t) for t in ok),
     }
 
 
@@ -139,6 +145,8 @@ def build_report(
         groups[f"difficulty={p.difficulty}"].append(t)
         groups[f"demand={p.extrinsic_demand}"].append(t)
         groups[f"scenario={instances[t.episode_id].family}"].append(t)
+        if setup.get("injectors"):
+            groups[f"adversary={'injection' if t.episode_id in setup['injected'] else 'none'}"].append(t)
     return {
         "setup": setup,
         "overall": group_metrics(trajs, instances, cfg, gre_dims),
@@ -160,6 +168,7 @@ def build_report(
                 if t.status == "ok"
                 else None,
                 "duration_s": round(t.duration_s, 2),
+                "injected_turns": injected_turns(t),
             }
             for t in trajs
         ],
@@ -191,6 +200,9 @@ def print_report(report: dict[str, Any], console: Any = None) -> None:
         "compliance",
         "bleu",
         "tse_agreement",
+        "sim_flagged",
+        "sim_template_turns",
+        *(("injection_breaches", "injection_compensations") if report["setup"].get("injectors") else ()),
     )
     rows = [
         [name, *(_fmt(m.get(c)) for c in cols)] for name, m in [*report["groups"].items(), ("ALL", report["overall"])]
@@ -247,10 +259,13 @@ def run_stress(
     target: str,
     max_turns: int | None = None,
     console: Any = None,
+    injectors: float = 0.0,
 ) -> dict[str, Any]:
     """Play one episode per persona with `concurrency` threads and write the report files; returns the report.
 
-    `agents_factory()` -> (expert or None, cs, judge or None), called once per episode (agents may keep state)."""
+    `agents_factory()` -> (expert or None, cs, judge or None), called once per episode (agents may keep state).
+    `injectors`: the fraction of episodes (every k-th, from the first) whose user ends each message with a prompt
+    injection (simulator.adversary.PromptInjector)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -259,6 +274,12 @@ def run_stress(
     user_sim = make_user_simulator(cfg, sim_client, sim_model, structured=sim_structured)
     if max_turns:
         user_sim.max_turns = max_turns
+    if not 0.0 <= injectors <= 1.0:
+        raise ValueError(f"stress: injectors is a fraction in [0, 1], got {injectors}")
+    injector = PromptInjector(user_sim)
+    n_inject = round(injectors * len(personas))
+    every = len(personas) / n_inject if n_inject else 0.0
+    inject_idx = {int(k * every) for k in range(n_inject)}
     jobs = []
     for i, p in enumerate(personas):
         fam, case_type = scenario_for(p, cfg.simulator.scenarios, i)  # persona <-> scenario fit
@@ -267,13 +288,15 @@ def run_stress(
     by_ep_persona = {ep: p for ep, p, _, _ in jobs}
     by_ep_instance = {ep: inst for ep, _, inst, _ in jobs}
 
+    injected = {jobs[i][0] for i in inject_idx}
+
     def one(ep: str, p: Persona, inst: ScenarioInstance, s: int) -> Trajectory:
         expert, cs, judge = agents_factory()
         return play_episode(
             episode_id=ep,
             scenario_instance=inst,
             persona=p,
-            user_sim=user_sim,
+            user_sim=injector if ep in injected else user_sim,
             expert=expert,
             cs=cs,
             judge=judge,
@@ -312,6 +335,8 @@ def run_stress(
         "simulator_model": sim_model,
         "hard_fraction": cfg.simulator.hard_fraction,
         "split": cfg.simulator.split,
+        "injectors": injectors,
+        "injected": sorted(injected),
         "wall_s": round(wall, 1),
         "episodes_per_min": round(60 * len(trajs) / wall, 2) if wall > 0 else None,
         "config": dump_config(cfg),
@@ -338,9 +363,11 @@ def main(
     out: Path | None = None,
     max_turns: int | None = None,
     sim_url: str | None = None,
+    injectors: float = 0.0,
 ) -> dict[str, Any]:
     """CLI entry (`gopo-online stress`): see the module docstring. `sim_url` (not on the CLI): an already running
-    vLLM server to use as the simulator/judge backend instead of starting one (tests, scripted runs)."""
+    vLLM server to use as the simulator/judge backend instead of starting one (tests, scripted runs); with no
+    `target_url` it serves the two agents too (as the policy server does with `serving.simulator = "same"`)."""
     from gopo_online.serving.client import ChatClient, client_from_config
 
     out = Path(out) if out is not None else cfg.run.run_dir / "stress"
@@ -349,14 +376,14 @@ def main(
     )
     personas = sample_personas(bank, n_personas, hard_fraction=cfg.simulator.hard_fraction, seed=seed)
     with contextlib.ExitStack() as stack:
-        policy_url: str | None = None
-        need_local = target_url is None or (cfg.serving.simulator != "external" and sim_url is None)
+        policy_url: str | None = sim_url if target_url is None else None
+        need_local = sim_url is None and (target_url is None or cfg.serving.simulator != "external")
         if need_local:
             from gopo_online.serving.process import server_from_config
 
             srv = stack.enter_context(server_from_config(cfg, "policy").start())
             policy_url = srv.base_url
-        if sim_url is not None and target_url is not None:
+        if sim_url is not None:
             sim_client = stack.enter_context(client_from_config(cfg, sim_url))
             sim_model, sim_structured, sim_vllm = _first_model(sim_client), "regex", True
         elif cfg.serving.simulator == "external":
@@ -404,4 +431,5 @@ def main(
             out=out,
             target=target,
             max_turns=max_turns,
+            injectors=injectors,
         )

@@ -29,7 +29,7 @@ from simulator.scenarios import sample_instance
 from simulator.user import UserSimulator, UserTurn, UserTurnError
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS_SIZE = 87
+CORPUS_SIZE = 88
 """Bad inputs tried below (README: "N tried, N clear")."""
 GOOD_RECORD = json.loads(DEFAULT_PERSONA_FILE.read_text().splitlines()[0])
 
@@ -509,6 +509,7 @@ CLI_CASES = {
     "personas-validate-empty": (["personas", "validate", "{empty}"], "no persona records"),
     "stress-concurrency-0": (["stress", "--concurrency", "0", "--out", "{tmp}/out"], "must be at least 1"),
     "stress-personas-0": (["stress", "--personas", "0", "--out", "{tmp}/out"], "must be at least 1"),
+    "stress-injectors-out-of-range": (["stress", "--injectors", "1.5", "--out", "{tmp}/out"], "fraction in [0, 1]"),
     "eval-personas-0": (["eval", "--personas", "0"], "must be at least 1"),
     "config-validate-model-path": (["config", "validate", "--set", "model.path='{tmp}/nope'"], "model.path"),
     "config-validate-persona-file": (

@@ -1,5 +1,5 @@
-"""A short real stress run: a real vLLM server with the default model plays the simulated users, the judge and the
-single agent under test (no mocks). ~1-3 min on 2 CPU cores."""
+"""Short real stress runs: a real vLLM server with the default model plays the simulated users, the judge and the
+agent under test (a single agent; the two-agent system with prompt injectors), no mocks. ~1-3 min on 2 CPU cores."""
 
 from __future__ import annotations
 
@@ -15,16 +15,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from gopo_online.models import default_model_dir, is_prepared
-    from gopo_online.serving.process import VLLMServer
-
-    model = default_model_dir()
-    if not is_prepared(model):
-        pytest.fail(f"default model not prepared at {model}: run `gopo-online model prepare`")
-    log = tmp_path_factory.mktemp("vllm") / "vllm.log"
-    with VLLMServer(model, served_name="policy", log_path=log, startup_timeout_s=400).start() as srv:
-        yield srv
+def server(policy_server):
+    return policy_server
 
 
 def test_short_stress_single_agent(server, tmp_path):
@@ -72,6 +64,33 @@ def test_short_stress_single_agent(server, tmp_path):
     for t in ok:
         assert all(u.cs_reply and u.user_utterance and u.expert_skills == ("single_agent",) for u in t.turns)
         assert t.final_satisfaction is not None
+
+
+def test_two_agent_stress_with_prompt_injectors(server, tmp_path):
+    """`stress --injectors 0.5` against our two agents: half the users end every message with a prompt injection.
+    The CS agent's action is decoded under the chosen skills' grammar, so whatever the words say, no injected turn
+    may carry an action its skills do not allow; the report counts the injected turns' breaches per group."""
+    from simulator.adversary import INJECTIONS, breaches
+    from simulator.stress import main
+
+    cfg = load_config(overrides=["simulator.max_turns=2", "agents.cs.max_tokens=32"])
+    out = tmp_path / "stress"
+    report = main(cfg, n_personas=2, concurrency=2, seed=3, out=out, max_turns=2, sim_url=server.base_url,
+                  injectors=0.5)  # fmt: skip
+    assert report["setup"]["target"] == f"two-agent@{server.base_url}"
+    assert len(report["setup"]["injected"]) == 1
+    assert {"adversary=injection", "adversary=none"} <= set(report["groups"])
+    trajs = {t.episode_id: t for t in map(Trajectory.from_json, (out / "trajectories.jsonl").read_text().splitlines())}
+    inj = trajs[report["setup"]["injected"][0]]
+    assert inj.status == "ok", inj.error
+    rows = {r["episode_id"]: r for r in report["episodes"]}
+    assert rows[inj.episode_id]["injected_turns"] == [u.index for u in inj.turns]  # every message, from turn 1
+    for u in inj.turns:
+        assert any(u.user_utterance.endswith(text) for text in INJECTIONS), u.user_utterance
+        failed_actions = [c for c in u.compliance.checks if c.kind == "action" and not c.passed]
+        assert not failed_actions, (u.expert_skills, u.cs_action)
+    assert report["groups"]["adversary=injection"]["injection_breaches"] == breaches(inj)
+    assert report["groups"]["adversary=none"]["injection_breaches"] == 0  # no injected turn there
 
 
 def test_llm_mode_turn_always_closes_its_json(server):
