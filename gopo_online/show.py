@@ -164,6 +164,24 @@ def _meta_line(turn: Turn) -> str:
     return s
 
 
+def _state_line(turn: Turn) -> str:
+    """The simulated user's own state (the agenda user model's, simulator.mode "agenda") after the agent turn that
+    the message reacts to: only the entries that are set (non-empty, non-zero, true), `key=value` each."""
+    st = turn.user_meta.state or {}
+    parts = []
+    for k, v in st.items():
+        if v in (None, "", 0, False, [], {}):
+            continue
+        if isinstance(v, dict):
+            v = ",".join(f"{a}:{b}" for a, b in v.items())
+        elif isinstance(v, list | tuple):
+            v = ",".join(map(str, v))
+        elif v is True:
+            v = "yes"
+        parts.append(f"{k}={v}")
+    return " ".join(parts)
+
+
 def _checks(turn: Turn) -> list[tuple[bool, str]]:
     return [(c.passed, f"{c.kind} {c.skill}: {c.target}") for c in turn.compliance.checks]
 
@@ -255,6 +273,8 @@ def print_episode(con: Any, ep: Episode) -> None:
         con.print(Text(f"turn {turn.index}" + (f" · v{v}" if v is not None else ""), style="bold cyan"))
         g.add_row("user", Text(turn.user_utterance))
         g.add_row("", Text(_meta_line(turn), style="dim"))
+        if state := _state_line(turn):
+            g.add_row("state", Text(state, style="dim"))
         expert, teacher, agree = _skills_line(turn)
         g.add_row("expert", Text(expert, style="yellow"))
         g.add_row("teacher", Text(f"{teacher}  ({agree})", style="dim"))
@@ -324,6 +344,8 @@ def _html_episode(ep: Episode) -> str:
             rows.append(f'<div class="lab">{_e(label)}</div><div>{content}</div>')
 
         row("user", f'{_e(turn.user_utterance)}<div class="meta">{_e(_meta_line(turn))}</div>')
+        if state := _state_line(turn):
+            row("state", f'<span class="meta">{_e(state)}</span>')
         expert, teacher, agree = _skills_line(turn)
         row("expert", f'<span class="skills">{_e(expert)}</span>')
         row("teacher", f'{_e(teacher)} <span class="meta">({_e(agree)})</span>')

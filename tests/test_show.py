@@ -33,6 +33,8 @@ def _turn(i: int, version: int, joint: float, user: str, reply: str, passed: boo
             satisfaction=2,
             stop=i == 2,
             completed_tasks=("verify_order",) if i == 2 else (),
+            state={"satisfaction": 2, "disclosed": ["order_id"], "asked": {"order_id": 2}, "issued": [],
+                   "acknowledged": True, "gave_up": False, "no_progress": 0},
         ),  # fmt: skip
         expert_skills=("apologize", "offer_refund"),
         teacher_skills=("apologize", "verify_order"),
@@ -121,6 +123,8 @@ def test_one_dialogue_turn_by_turn(run: Path) -> None:
         "Where is my parcel? <b>now</b>",  # shown as typed, not interpreted as markup
         "intent=ask_refund emotion=angry satisfaction=2",
         "tasks_done=verify_order",
+        # the agenda user model's state: only what is set
+        "state satisfaction=2 disclosed=order_id asked=order_id:2 acknowledged=yes",
         "apologize, offer_refund",  # the Expert's skills
         "apologize, verify_order (1/2 teacher skills picked)",
         "[refund] Sorry for the wait, I can refund it.",
