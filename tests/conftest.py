@@ -22,3 +22,21 @@ def redis_url() -> str:
         msg = f"redis not reachable at {host}:{port}"
         pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
     return url
+
+
+@pytest.fixture(scope="session")
+def policy_server(tmp_path_factory):
+    """ONE real vLLM server with the default model and default flags, shared by the integration modules that need
+    no special flags (serving, stress, prompt injection): each starting its own cost ~40 s of the suite's budget.
+    Modules that need other flags (LoRA hot-load, a run's adapters, a whole `train`) still start their own."""
+    from gopo_online.models import default_model_dir, is_prepared
+    from gopo_online.serving.process import VLLMServer
+
+    model = default_model_dir()
+    if not is_prepared(model):
+        pytest.fail(f"default model not prepared at {model}: run `gopo-online model prepare`")
+    log = tmp_path_factory.mktemp("vllm") / "policy.log"
+    with VLLMServer(model, served_name="policy", log_path=log, startup_timeout_s=400) as srv:
+        print(f"\n[vllm] shared policy server ready in {srv.ready_s:.1f}s at {srv.base_url}")
+        yield srv
+    assert not srv.running

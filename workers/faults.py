@@ -237,7 +237,9 @@ def run_faults(
     rows: list[dict[str, Any]] = []
     stop_s = None
     try:
-        run.wait(lambda: any(e["kind"] == "episode" for e in _events(run_dir)), step_timeout_s * 2, "a first episode")
+        # an episode of THIS run (a resumed run dir already holds the earlier runs' episodes)
+        run.wait(lambda: any(e["kind"] == "episode" and e["time"] >= run.t0 for e in _events(run_dir)),
+                 step_timeout_s * 2, "a first episode")  # fmt: skip
         cfg = json.loads((run_dir / "config.json").read_text())
         namespace = cfg["broker"]["task_queue"]
         for fault in faults:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -49,7 +48,7 @@ def _require_model():
 
 
 def test_bad_model_path_raises_with_log_tail(tmp_path):
-    """Runs before the module server starts (no fixture), so only one vLLM process is alive at a time."""
+    """A server on a folder that holds no model fails on its own, fast, with the log tail in the error."""
     bad = tmp_path / "no-such-model"
     bad.mkdir()
     server = VLLMServer(bad, log_path=tmp_path / "bad.log", startup_timeout_s=180)
@@ -64,13 +63,9 @@ def test_bad_model_path_raises_with_log_tail(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(policy_server):
     _require_model()
-    log = Path(tmp_path_factory.mktemp("vllm")) / "policy.log"
-    with VLLMServer(MODEL, log_path=log, startup_timeout_s=400) as srv:
-        print(f"\n[vllm] ready in {srv.ready_s:.1f}s at {srv.base_url}")
-        yield srv
-    assert not srv.running
+    return policy_server
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,9 @@ Run: OMP_NUM_THREADS=1 python -m pytest tests/simulator/test_injection_integrati
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from gopo_online.config import GopoConfig
-from gopo_online.models import default_model_dir, is_prepared
 from gopo_online.rewards import weighted_judge_reward
 from gopo_online.serving.client import ChatClient
 from gopo_online.skills import check_compliance
@@ -36,14 +33,8 @@ CFG = GopoConfig()
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    from gopo_online.serving.process import VLLMServer
-
-    model = default_model_dir()
-    if not is_prepared(model):
-        pytest.skip(f"default model not prepared at {model}: run `gopo-online model prepare`")
-    log = Path(tmp_path_factory.mktemp("vllm")) / "policy.log"
-    with VLLMServer(model, log_path=log, startup_timeout_s=400) as srv, ChatClient(srv.base_url, timeout=120.0) as c:
+def client(policy_server):
+    with ChatClient(policy_server.base_url, timeout=120.0) as c:
         yield c
 
 
