@@ -89,7 +89,8 @@ def test_an_arm_without_a_learner_step_is_flagged(tmp_path, monkeypatch):
                 "setup": {"n_personas": 4}}  # fmt: skip
 
     monkeypatch.setattr(bench_learning, "_call", fake_call)
-    rows = bench_learning.bench_learning(load_config(None, [f"run.output_dir='{tmp_path}'"]), minutes=0.1)
+    out = [f"run.output_dir='{tmp_path}'"]  # the arms reload the config from the overrides: they must carry it
+    rows = bench_learning.bench_learning(load_config(None, out), overrides=out, minutes=0.1)
     by = {r["metric"]: r for r in rows}
     assert "no learner step" in by["esndcg"]["warning"] and by["train.lr.episodes"]["learner_steps"] == 0
 
