@@ -136,6 +136,9 @@ def bench_learning(
         arm_cfgs[tag] = arm_cfg
         if code:
             raise RuntimeError(f"bench learning: training arm {tag} (lr={lr}) exited with {code}: {trained[tag]}")
+        if str(trained[tag].get("stop") or "").startswith("interrupted"):
+            # Ctrl-C / SIGTERM stops `train` in order with rc 0; the bench must stop too, not start the next arm
+            raise KeyboardInterrupt(f"bench learning: training arm {tag} was interrupted; no further arm or eval")
     report = _call(
         "simulator.evaluate:main",
         arm_cfgs["lr"],

@@ -126,3 +126,21 @@ def test_learning_runs_only_when_named(tmp_path, monkeypatch):
     assert ran == [("m:f", 2.0)]
     bench.main(load_config(), ["learning"], tmp_path / "b.json", minutes=2.0, personas=3)
     assert ran[-1] == ("l:f", 2.0)  # personas is not one of fn's parameters, so it is not passed
+
+
+def test_an_interrupted_arm_stops_the_bench(tmp_path, monkeypatch):
+    """Ctrl-C during the lr arm stopped `train` in order (rc 0); the bench went on to start the lr-0 arm."""
+    calls = []
+
+    def fake_call(target, *args, **kw):
+        calls.append(target)
+        run_dir = args[0].run.run_dir
+        run_dir.mkdir(parents=True)
+        (run_dir / "controller.json").write_text(json.dumps({"runs": [{"reason": "interrupted (Ctrl-C / SIGTERM)"}]}))
+        return 0
+
+    monkeypatch.setattr(bench_learning, "_call", fake_call)
+    out = [f"run.output_dir='{tmp_path}'"]
+    with pytest.raises(KeyboardInterrupt, match="arm lr was interrupted"):
+        bench_learning.bench_learning(load_config(None, out), overrides=out, minutes=0.1)
+    assert calls == ["workers.controller:train"]
