@@ -102,24 +102,46 @@ def learning_rows(
     return rows
 
 
+def unmoved_adapters(run_dir: Path) -> dict[str, bool]:
+    """Per agent: are the LoRA B matrices of the run's latest exported adapter still all zero (the state LoRA starts
+    in)? For an lr-0 control this proves its policy is the base model, however long it trained."""
+    from safetensors.torch import load_file
+
+    out: dict[str, bool] = {}
+    root = Path(run_dir) / "weights"
+    for agent_dir in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        versions = sorted(agent_dir.glob("lora-v*"), key=lambda p: int(p.name.rsplit("v", 1)[1]))
+        if not versions:
+            continue
+        tensors = load_file(str(versions[-1] / "adapter_model.safetensors"))
+        bs = [t for name, t in tensors.items() if "lora_B" in name]
+        out[agent_dir.name] = bool(bs) and all(bool((t == 0).all()) for t in bs)
+    return out
+
+
 def bench_learning(
     cfg: GopoConfig,
     *,
     config_path: Path | None = None,
     overrides: Sequence[str] = (),
     minutes: float | None = None,
+    control_minutes: float | None = None,
     personas: int = 20,
     max_turns: int | None = None,
     concurrency: int = 4,
 ) -> list[Row]:
-    """Train at lr and at lr=0 for `minutes` each (default 30), then eval the lr run against the lr-0 run.
+    """Train at lr for `minutes` (default 30) and at lr=0 for `control_minutes` (default: the same), then eval the lr
+    run against the lr-0 run.
 
-    `config_path` / `overrides` are the user's (the spawned learner and workers reload the config from them).
-    Run folders: output_dir/<run.name>-learning-<time>-{lr,lr0}; the eval report goes into the lr run's folder.
+    A shorter control is sound because its weights cannot move (lr 0, LoRA B starts at zero): the bench checks that
+    the control's last exported adapters still have all-zero B matrices (`unmoved_adapters`) and refuses to report
+    otherwise. `config_path` / `overrides` are the user's (the spawned learner and workers reload the config from
+    them). Run folders: output_dir/<run.name>-learning-<time>-{lr,lr0}; the eval report goes into the lr run's folder.
     """
     minutes = DEFAULT_MINUTES if minutes is None else float(minutes)
-    if minutes <= 0:
-        raise ValueError(f"bench learning: minutes must be > 0, got {minutes}")
+    control = minutes if control_minutes is None else float(control_minutes)
+    if minutes <= 0 or control <= 0:
+        raise ValueError(f"bench learning: minutes must be > 0, got {minutes} (control {control})")
     if cfg.learner.lr <= 0:
         raise ValueError(f"bench learning compares learner.lr = {cfg.learner.lr} with lr = 0: set a positive lr")
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -128,17 +150,22 @@ def bench_learning(
     trained: dict[str, dict[str, Any]] = {}
     arm_cfgs: dict[str, GopoConfig] = {}
     for tag, lr in arms.items():
-        sets = [*overrides, *arm_overrides(f"{cfg.run.name}-learning-{stamp}-{tag}", lr, minutes)]
+        arm_minutes = minutes if tag == "lr" else control
+        sets = [*overrides, *arm_overrides(f"{cfg.run.name}-learning-{stamp}-{tag}", lr, arm_minutes)]
         arm_cfg = load_config(config_path, sets)
         code = _call("workers.controller:train", arm_cfg, spawn=True, config_path=config_path, overrides=sets)
         run_dirs[tag] = arm_cfg.run.run_dir
-        trained[tag] = {"lr": lr, "minutes": minutes, "exit_code": code or 0, **_trained(arm_cfg.run.run_dir)}
+        trained[tag] = {"lr": lr, "minutes": arm_minutes, "exit_code": code or 0, **_trained(arm_cfg.run.run_dir)}
         arm_cfgs[tag] = arm_cfg
         if code:
             raise RuntimeError(f"bench learning: training arm {tag} (lr={lr}) exited with {code}: {trained[tag]}")
         if str(trained[tag].get("stop") or "").startswith("interrupted"):
             # Ctrl-C / SIGTERM stops `train` in order with rc 0; the bench must stop too, not start the next arm
             raise KeyboardInterrupt(f"bench learning: training arm {tag} was interrupted; no further arm or eval")
+    unmoved = unmoved_adapters(run_dirs["lr0"])
+    if unmoved and not all(unmoved.values()):
+        raise RuntimeError(f"bench learning: the lr-0 control's adapters moved ({unmoved}): no valid control")
+    trained["lr0"]["adapters_unmoved"] = unmoved
     report = _call(
         "simulator.evaluate:main",
         arm_cfgs["lr"],
@@ -154,6 +181,7 @@ def bench_learning(
         "simulator": m["simulator"],
         "judge": m["judge"],
         "minutes": minutes,
+        "control_minutes": control,
         "learner_lr": cfg.learner.lr,
         "versions": {"lr": report["arms"]["a"]["version"], "lr0": report["arms"]["b"]["version"]},
         "runs": {k: str(v) for k, v in run_dirs.items()},

@@ -283,6 +283,10 @@ def bench(
     minutes: Annotated[
         float | None, typer.Option(help="learning: training minutes per arm (lr and lr=0; default 30).")
     ] = None,
+    control_minutes: Annotated[
+        float | None,
+        typer.Option(help="learning: minutes of the lr-0 control (default: --minutes; its weights cannot move)."),
+    ] = None,
     personas: Annotated[int | None, typer.Option(help="learning: held-out personas (pairs) to evaluate.")] = None,
     max_turns: Annotated[int | None, typer.Option(help="learning: turns per eval episode.")] = None,
 ) -> None:
@@ -297,6 +301,7 @@ def bench(
         config_path=config,
         overrides=list(set_ or []),
         minutes=minutes,
+        control_minutes=control_minutes,
         personas=personas,
         max_turns=max_turns,
     )

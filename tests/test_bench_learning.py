@@ -144,3 +144,37 @@ def test_an_interrupted_arm_stops_the_bench(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt, match="arm lr was interrupted"):
         bench_learning.bench_learning(load_config(None, out), overrides=out, minutes=0.1)
     assert calls == ["workers.controller:train"]
+
+
+def test_control_arm_budget_and_unmoved_adapter_check(tmp_path, monkeypatch):
+    """--control-minutes: the lr-0 arm may run shorter (its weights cannot move); the bench checks that they did not
+    (all LoRA B matrices of its last export still zero) and refuses a control whose adapters moved."""
+    import torch
+    from safetensors.torch import save_file
+
+    budgets = {}
+
+    def fake_call(target, *args, b_value=0.0, **kw):
+        if target == "workers.controller:train":
+            c = args[0]
+            budgets[c.learner.lr] = c.run.max_minutes
+            for agent in ("expert", "cs"):
+                d = c.run.run_dir / "weights" / agent / "lora-v3"
+                d.mkdir(parents=True)
+                b = torch.full((8, 4), 0.0 if c.learner.lr == 0 else 0.1)
+                save_file(
+                    {"x.lora_A.weight": torch.ones(4, 8), "x.lora_B.weight": b}, str(d / "adapter_model.safetensors")
+                )
+            return 0
+        return {"overall": {"esndcg": _summary(0.1)}, "arms": {"a": {"version": 3}, "b": {"version": 3}},
+                "setup": {"n_personas": 4}}  # fmt: skip
+
+    monkeypatch.setattr(bench_learning, "_call", fake_call)
+    out = [f"run.output_dir='{tmp_path}'", "learner.lr=1e-4"]
+    rows = bench_learning.bench_learning(load_config(None, out), overrides=out, minutes=2.0, control_minutes=0.5)
+    assert budgets == {1e-4: 2.0, 0.0: 0.5}
+    by = {r["metric"]: r for r in rows}
+    assert by["train.lr0.episodes"]["adapters_unmoved"] == {"cs": True, "expert": True}
+    assert by["esndcg"]["control_minutes"] == 0.5
+    lr_run = next(p for p in tmp_path.iterdir() if p.name.endswith("-lr"))
+    assert bench_learning.unmoved_adapters(lr_run) == {"cs": False, "expert": False}
