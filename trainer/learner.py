@@ -23,6 +23,7 @@ touches the policies, so the policy losses stay exactly eq 7 / eq 9.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import random
@@ -65,6 +66,9 @@ AnnounceFn = Callable[[int, dict[str, Path]], Any]
 CRITIC_LR = 1e-3
 """Adam lr of the linear critic: a probe on frozen features, so far larger than the policies' lr is safe."""
 KEEP_CHECKPOINTS = 2
+CONSUMED_IDS_KEPT = 100_000
+"""Episode ids a learner remembers (and checkpoints) as consumed: a redelivered trajectory among them is not trained
+again, after a restart too (the stream consumer's own dedupe window is as long, but lives in memory only)."""
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -223,9 +227,17 @@ class Learner:
         self.dropped_future_total = 0
         self.last_outcomes: dict[str, str] = {}
         """Episode id -> what the last `step` did with it (trajectory_store outcomes), decided in `_admit`."""
+        self.consumed: collections.OrderedDict[str, None] = collections.OrderedDict()
+        """Ids of every trajectory a step saw (whatever its outcome), oldest first, at most `CONSUMED_IDS_KEPT`;
+        checkpointed, so a restarted learner drops the redelivered ones its checkpoint already holds."""
+        self.unrecorded: dict[str, tuple[str, int]] = {}
+        """After a resume: id -> (outcome, learner version) of the checkpoint's last batch. The checkpoint is
+        written inside the step, the trajectory store after it: a learner killed in between left these out of
+        the store; `_loop` records them when they come back (redelivered) and are dropped as consumed."""
         self.grammar_masks = None
         """trainer.grammar.GrammarMasks when learner.grammar_mask (built in setup)."""
         self.lora = self.lc.finetune == "lora"
+        self._last_version_before = 0
 
     # ------------------------------------------------------------------------------------------------------------
     # setup
@@ -358,6 +370,7 @@ class Learner:
     def step(self, trajectories: Iterable[Trajectory]) -> StepStats:
         """One update of both policies on one batch. Returns the step's metrics (`StepStats`, a mapping)."""
         t0 = time.perf_counter()
+        self._last_version_before = self.version  # the version the trajectory store records for this batch
         st = StepStats(agents={a: AgentStats() for a in AGENTS})
         ok = self._admit(trajectories, st)
         col = self._collate(ok, st)
@@ -380,6 +393,7 @@ class Learner:
             self.log(f"[learner] rejected episode {r.episode_id}: {r.reason}: {r.detail}")
         ok, dropped, future, n_err, n_flagged = a.ok, a.n_stale, a.future, a.n_error, a.n_sim_flagged
         self.last_outcomes = a.outcomes
+        self._remember(a.outcomes)
         self.dropped_stale_total += dropped
         self.dropped_future_total += len(future)
         st.dropped_stale, st.dropped_stale_total = dropped, self.dropped_stale_total
@@ -390,6 +404,35 @@ class Learner:
         if trained:
             st.trained_version = min(trained)
         return ok
+
+    def _remember(self, episode_ids: Iterable[str]) -> None:
+        for eid in episode_ids:
+            self.consumed[eid] = None
+            self.consumed.move_to_end(eid)
+        while len(self.consumed) > CONSUMED_IDS_KEPT:
+            self.consumed.popitem(last=False)
+
+    def split_consumed(self, batch: Iterable[Trajectory]) -> tuple[list[Trajectory], list[Trajectory]]:
+        """(new, already consumed) of a batch: a trajectory whose id an earlier step (before a restart too) saw is
+        not trained again."""
+        new: list[Trajectory] = []
+        seen: list[Trajectory] = []
+        for t in batch:
+            (seen if t.episode_id in self.consumed else new).append(t)
+        return new, seen
+
+    def dedupe_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the dedupe: the consumed ids and the last step's outcomes (`unrecorded`)."""
+        return {
+            "consumed_ids": list(self.consumed),
+            "last_outcomes": dict(self.last_outcomes),
+            "last_outcomes_version": self._last_version_before,
+        }
+
+    def load_dedupe_state(self, state: Mapping[str, Any]) -> None:
+        self.consumed = collections.OrderedDict.fromkeys(state.get("consumed_ids", ()))
+        version = int(state.get("last_outcomes_version", self.version))
+        self.unrecorded = {eid: (o, version) for eid, o in state.get("last_outcomes", {}).items()}
 
     def _collate(self, ok: list[Trajectory], st: StepStats) -> CollateResult:
         """Rows per agent, with the grammar's admitted-token sets of every constrained completion."""
@@ -646,6 +689,7 @@ class Learner:
             "pid": self.pid.state_dict(),
             "py_rng": _jsonable(random.getstate()),
             "np_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            **self.dedupe_state(),
         }
         (tmp / "learner_state.json").write_text(json.dumps(state))
         final = root / name
@@ -689,6 +733,7 @@ class Learner:
         random.setstate(_tuplify(state["py_rng"]))
         s = state["np_rng"]
         np.random.set_state((s[0], np.array(s[1], dtype=np.uint32), *s[2:]))
+        self.load_dedupe_state(state)
         if self.lora:
             self._set_trainable(self.engines["lora"].module)
         self.log(f"[learner] resumed from {path}: step {self.global_step}, version {self.version}")
@@ -747,6 +792,9 @@ def main(
     run = _setup(cfg, source, publish, announce)
     try:
         run.learner.setup()
+        if run.learner.unrecorded:  # resumed: which of the checkpoint's last batch the store already holds
+            for eid in run.store.recorded(run.learner.unrecorded):
+                run.learner.unrecorded.pop(eid, None)
         if run.sync is not None:
             _catch_up_with_registry(run.learner, run.sync)
         _loop(cfg, run, on_metrics)
@@ -831,7 +879,12 @@ def _loop(cfg: GopoConfig, run: _Run, on_metrics: Callable[[Mapping[str, float]]
     """One step per batch; record what became of each trajectory; ack after the step; events; stop at the budget."""
     learner = run.learner
     t_start = time.time()
-    for batch in run.source:
+    for delivered in run.source:
+        batch, consumed = learner.split_consumed(delivered)
+        if consumed:
+            _drop_consumed(learner, run, consumed)
+            if not batch:
+                continue
         t_step = time.perf_counter()
         step_before, version_before = learner.global_step, learner.version
         metrics = learner.step(batch)
@@ -850,6 +903,19 @@ def _loop(cfg: GopoConfig, run: _Run, on_metrics: Callable[[Mapping[str, float]]
         if run.stop.is_set():
             learner.log("[learner] stop requested; writing a checkpoint")
             break
+
+
+def _drop_consumed(learner: Learner, run: _Run, consumed: list[Trajectory]) -> None:
+    """Redelivered trajectories an earlier step (before a restart too: the checkpoint keeps the ids) already saw:
+    acked, not trained again. Those of the checkpoint's last batch that never reached the store (the learner died
+    between the checkpoint and the store's write) are recorded now, with the outcome the step gave them."""
+    late = [t for t in consumed if t.episode_id in learner.unrecorded]
+    for t in late:
+        outcome, version = learner.unrecorded.pop(t.episode_id)
+        run.store.append(t, outcome, version)  # type: ignore[arg-type]
+    run.ack([t.episode_id for t in consumed])
+    ids = [t.episode_id for t in consumed]
+    learner.log(f"[learner] {len(ids)} redelivered trajectories already trained on (not again): {ids[:8]}")
 
 
 def _cleanup(run: _Run) -> None:
