@@ -238,6 +238,8 @@ class Learner:
         """trainer.grammar.GrammarMasks when learner.grammar_mask (built in setup)."""
         self.lora = self.lc.finetune == "lora"
         self._last_version_before = 0
+        self.push_failures = 0
+        """Pushes that failed (a server down): logged; the registry stays at the last confirmed version."""
 
     # ------------------------------------------------------------------------------------------------------------
     # setup
@@ -626,9 +628,19 @@ class Learner:
         return self.weights.write(version, {a: writer(a) for a in AGENTS})
 
     def _publish(self, exported: dict[str, Path]) -> None:
+        from gopo_online.serving.weights import StaleServerError, WeightPushError
+
         self.steps_since_push = 0
         if self.publish is not None:
-            self.publish(self.version, exported)
+            try:
+                self.publish(self.version, exported)
+            except (WeightPushError, StaleServerError) as e:
+                # A server that died mid-push (or is being restarted) is the controller's to restart and refit,
+                # to the registry's version, which a failed push leaves unchanged; training goes on, nothing is
+                # announced (the workers keep tagging what the servers serve) and the next push catches up.
+                self.push_failures += 1
+                self.log(f"[learner] push of v{self.version} failed, training goes on (the next push catches up): {e}")
+                return
         if self.announce is not None:
             self.announce(self.version, exported)
 
