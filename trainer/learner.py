@@ -324,6 +324,13 @@ class Learner:
         if self.cfg.run.resume and self.latest_checkpoint() is not None:
             self.load_checkpoint()
         if self.publish is not None:
+            ahead = self.weights.current_version()
+            if ahead > self.version:
+                # A crash between a push and the next checkpoint: the servers hold a newer version than the resumed
+                # learner. Versions only move forward: its weights go out as the next version (announcing the
+                # checkpoint's older number would make the run's pushed versions go backwards).
+                self.log(f"[learner] registry at v{ahead} > checkpoint v{self.version}: publishing as v{ahead + 1}")
+                self.version = ahead + 1
             self._publish(self.export_weights(self.version))
 
     def _make_optimizer(self, params):
@@ -807,8 +814,6 @@ def main(
         if run.learner.unrecorded:  # resumed: which of the checkpoint's last batch the store already holds
             for eid in run.store.recorded(run.learner.unrecorded):
                 run.learner.unrecorded.pop(eid, None)
-        if run.sync is not None:
-            _catch_up_with_registry(run.learner, run.sync)
         _loop(cfg, run, on_metrics)
     finally:
         _cleanup(run)
@@ -941,16 +946,6 @@ def _cleanup(run: _Run) -> None:
         for close in run.closers:
             close()
         run.restore_sigint()
-
-
-def _catch_up_with_registry(learner: Learner, sync: Any) -> None:
-    """After a crash between a push and the next checkpoint the servers hold a newer version than the resumed
-    learner. Versions only move forward: publish the learner's weights as the next version."""
-    ahead = sync.current_version()
-    if ahead > learner.version:
-        learner.log(f"[learner] registry at v{ahead} > checkpoint v{learner.version}: publishing as v{ahead + 1}")
-        learner.version = ahead + 1
-        learner._publish(learner.export_weights(learner.version))
 
 
 def _safe_emit(events: Any) -> Callable[[Any], None]:
