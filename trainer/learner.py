@@ -873,7 +873,7 @@ def _setup(
         source = _batches(
             consumer, cfg.learner.batch_episodes, should_stop=stop.is_set, group_size=cfg.learner.group_size
         )
-        ack = consumer.ack
+        ack = _tolerant_ack(consumer)
         consumer.on_dead_letter = store.dead_letter
         broadcast = _safe_emit(events)
         if announce is None:
@@ -948,6 +948,20 @@ def _cleanup(run: _Run) -> None:
         run.restore_sigint()
 
 
+def _tolerant_ack(consumer: Any) -> Callable[[list[str]], Any]:
+    """Acks that fail because the broker went away are not the step's failure: the unacked messages come back
+    (restored by the broker or the controller) and the learner drops them as consumed."""
+
+    def ack(episode_ids: list[str]) -> None:
+        try:
+            consumer.ack(episode_ids)
+        except consumer.broker_errors as e:
+            print(f"[learner] acks of {len(episode_ids)} trajectories lost with the broker connection ({e!r}); "
+                  "their redelivery is dropped as consumed", flush=True)  # fmt: skip
+
+    return ack
+
+
 def _safe_emit(events: Any) -> Callable[[Any], None]:
     def emit(event: Any) -> None:
         try:
@@ -974,12 +988,36 @@ def _batches(
     timeout_s: float = 5.0,
     should_stop: Callable[[], bool] = lambda: False,
     group_size: int = 1,
+    max_outage_s: float = 180.0,
+    retry_s: float = 2.0,
+    log: Callable[[str], Any] = print,
 ) -> Iterator[list[Trajectory]]:
     """Batches from the consumer until `should_stop()` (checked at least every `timeout_s`), whole GRPO groups
-    together (`group_batch`); what a batch leaves behind stays unacked for the next one."""
+    together (`group_batch`); what a batch leaves behind stays unacked for the next one.
+
+    The broker unreachable (restarted by the controller, paused) is waited out, retrying every `retry_s`, for up
+    to `max_outage_s`; then the error propagates (the learner exits and is restarted). Messages handed over on
+    the lost connection are trained all the same; their acks are lost with it, so the broker delivers them again
+    later and the learner drops them as consumed (`Learner.split_consumed`)."""
     pending: list[Trajectory] = []
+    errors = getattr(consumer, "broker_errors", ())
+    down_since: float | None = None
     while not should_stop():
-        pending += consumer.get_batch(batch_episodes, timeout_s)
+        try:
+            got = consumer.get_batch(batch_episodes, timeout_s)
+        except errors as e:
+            now = time.monotonic()
+            if down_since is None:
+                down_since = now
+                log(f"[learner] the broker is unreachable ({type(e).__name__}: {e}); waiting up to {max_outage_s:.0f}s")
+            elif now - down_since > max_outage_s:
+                raise
+            time.sleep(retry_s)
+            continue
+        if down_since is not None:
+            log(f"[learner] the broker is back after {time.monotonic() - down_since:.1f}s")
+            down_since = None
+        pending += got
         if len(pending) < batch_episodes:
             continue
         # wait for the missing members of a group only while little is held: a failed member never arrives

@@ -112,8 +112,10 @@ class _Run:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def children(self, needle: str) -> list[Any]:
-        """Descendants whose argv has `needle` as a whole argument (a job: "worker") or inside its first three."""
+    def children(self, needle: str, whole: bool = False) -> list[Any]:
+        """Descendants whose argv has `needle` as a whole argument (a job: "learner") or, unless `whole`, inside its
+        first three (a program: "redis-server"; a Celery worker, which retitles itself "[celeryd: …] (worker …)").
+        `whole` for the learner: a retitled worker's one-string argv holds "--set learner.…" too."""
         import psutil
 
         found = []
@@ -121,7 +123,7 @@ class _Run:
             for c in self.ps.children(recursive=True):
                 try:
                     argv = c.cmdline()
-                    if needle in argv or any(needle in a for a in argv[:3]):
+                    if needle in argv or (not whole and any(needle in a for a in argv[:3])):
                         found.append(c)
                 except psutil.Error:
                     continue
@@ -196,10 +198,10 @@ def _inject(run: _Run, fault: str, namespace: str, timeout_s: float) -> dict[str
         def moment() -> Any:
             if ckpt.is_dir() and any(p.name.startswith(".tmp-step") for p in ckpt.iterdir()):
                 row["moment"] = "checkpoint written, not yet renamed"
-                return (run.children("learner") or [None])[0]
+                return (run.children("learner", whole=True) or [None])[0]
             if sum(e["kind"] == "learner" for e in _events(run.run_dir)) > n_steps:
                 row["moment"] = "right after a step (checkpoint window missed)"
-                return (run.children("learner") or [None])[0]
+                return (run.children("learner", whole=True) or [None])[0]
             return None
 
         proc = run.wait(moment, timeout_s, "learner checkpoint", step=0.01)
