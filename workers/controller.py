@@ -153,14 +153,14 @@ def _refit(cfg: GopoConfig, root_url: str, run_dir: Path, sink: Any = None) -> i
     """Stale until refit: bring a (re)started policy server to the version the learner last pushed (returned).
 
     When the registry's folders are gone (removed by hand, a disk clean-up) nothing is sent for the missing path
-    (it would kill vLLM's engine): the server is refit to the newest complete older version, said on the console
+    (it would kill vLLM's engine): the server is refit to the newest complete version on disk, said on the console
     and as an error event, and the learner's next push (a new version, written afresh) makes it current again."""
     from gopo_online.serving.weights import WeightSync
 
     sync = WeightSync.from_config(cfg, run_dir=run_dir, servers=[root_url])
     served = sync.refit(root_url, fallback=True)
     current = sync.current_version()
-    if served < current:
+    if served != current:
         paths = (sync.registry.current() or {}).get("paths", {})
         text = (f"the registry's v{current} weights cannot be loaded ({', '.join(sorted(paths.values()))}: missing "
                 f"or incomplete); the policy server serves v{served} until the learner's next push")  # fmt: skip

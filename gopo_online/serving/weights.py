@@ -693,7 +693,7 @@ class WeightSync:
         Pushes the already-written folders (verified first); never writes weights, never changes the registry.
         Raises `StaleServerError` when the server does not confirm. A registry folder that is gone or incomplete
         raises `WeightPushError` (nothing is sent: a missing path must never reach the server), unless
-        `fallback`: then the server is refit to the newest older version whose folders are all complete
+        `fallback`: then the server is refit to the newest other version whose folders are all complete
         (`refit_fallback`), and that version is returned (0 = the base model, when none is left).
         """
         want = self.registry.current()
@@ -708,9 +708,13 @@ class WeightSync:
         return self._refit_to(url, want)
 
     def refit_fallback(self, url: str, current: int, why: str) -> int:
-        """The registry's version `current` cannot be loaded (`why`): refit to the newest complete older version.
+        """The registry's version `current` cannot be loaded (`why`): refit to the newest complete version on disk.
+
+        Newer ones first: a version the learner wrote but could not push (the server was down) is its latest
+        weights, and the workers, which tag turns with the announced (registry's) version, then record a version
+        older than the weights, never newer (the staleness filter stays conservative). Else the newest older one.
         Stale until the learner's next push (a new version, written afresh) brings the server current again."""
-        for v in reversed([v for v in self.versions() if v < current]):
+        for v in reversed([v for v in self.versions() if v != current]):
             paths = {a: self.path(a, v) for a in self.agents}
             try:
                 for p in paths.values():
@@ -721,8 +725,9 @@ class WeightSync:
                 "refit of %s: registry v%d unusable (%s); serving v%d until the next push", url, current, why, v
             )
             return self._refit_to(url, {"version": v, "paths": {a: str(p) for a, p in paths.items()}})
-        log.warning("refit of %s: registry v%d unusable (%s) and no older version is complete: base model", url,
-                    current, why)  # fmt: skip
+        log.warning(
+            "refit of %s: registry v%d unusable (%s) and no other version is complete: base model", url, current, why
+        )
         return 0
 
     def _refit_to(self, url: str, want: Mapping[str, Any] | None) -> int:
