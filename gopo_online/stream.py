@@ -533,6 +533,11 @@ class TrajectoryConsumer:
     def pending(self) -> list[str]:
         return list(self._pending)
 
+    @property
+    def broker_errors(self) -> tuple[type[BaseException], ...]:
+        """What `get_batch` raises when the broker is unreachable (down, restarting, paused), not a bad message."""
+        return (OperationalError, *self._conn.recoverable_connection_errors, *self._conn.connection_errors)
+
     def close(self) -> None:
         self._queue = None
         self._producer = None

@@ -117,6 +117,24 @@ class TrajectoryStore:
             text = (body or "")[:MAX_DEAD_BODY]
         self._write({"stored_at": time.time(), "outcome": "dead_lettered", "reason": reason[:4000], "body": text})
 
+    def recorded(self, episode_ids: Iterable[str], parts: int = 2) -> set[str]:
+        """Which of `episode_ids` have a record in the newest `parts` part files (a resumed learner asks about its
+        checkpoint's last batch, written moments before it died: never further back)."""
+        want = set(episode_ids)
+        found: set[str] = set()
+        for part in _parts(self.root)[-parts:]:
+            with open(part, "rb") as f:
+                for raw in f:
+                    if not raw.endswith(b"\n"):
+                        continue
+                    try:
+                        eid = json.loads(raw).get("episode_id")
+                    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                        continue
+                    if eid in want:
+                        found.add(eid)
+        return found
+
     def sync(self) -> None:
         if self._fd is not None:
             os.fsync(self._fd)

@@ -23,6 +23,7 @@ touches the policies, so the policy losses stay exactly eq 7 / eq 9.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import random
@@ -65,6 +66,9 @@ AnnounceFn = Callable[[int, dict[str, Path]], Any]
 CRITIC_LR = 1e-3
 """Adam lr of the linear critic: a probe on frozen features, so far larger than the policies' lr is safe."""
 KEEP_CHECKPOINTS = 2
+CONSUMED_IDS_KEPT = 100_000
+"""Episode ids a learner remembers (and checkpoints) as consumed: a redelivered trajectory among them is not trained
+again, after a restart too (the stream consumer's own dedupe window is as long, but lives in memory only)."""
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -223,9 +227,19 @@ class Learner:
         self.dropped_future_total = 0
         self.last_outcomes: dict[str, str] = {}
         """Episode id -> what the last `step` did with it (trajectory_store outcomes), decided in `_admit`."""
+        self.consumed: collections.OrderedDict[str, None] = collections.OrderedDict()
+        """Ids of every trajectory a step saw (whatever its outcome), oldest first, at most `CONSUMED_IDS_KEPT`;
+        checkpointed, so a restarted learner drops the redelivered ones its checkpoint already holds."""
+        self.unrecorded: dict[str, tuple[str, int]] = {}
+        """After a resume: id -> (outcome, learner version) of the checkpoint's last batch. The checkpoint is
+        written inside the step, the trajectory store after it: a learner killed in between left these out of
+        the store; `_loop` records them when they come back (redelivered) and are dropped as consumed."""
         self.grammar_masks = None
         """trainer.grammar.GrammarMasks when learner.grammar_mask (built in setup)."""
         self.lora = self.lc.finetune == "lora"
+        self._last_version_before = 0
+        self.push_failures = 0
+        """Pushes that failed (a server down): logged; the registry stays at the last confirmed version."""
 
     # ------------------------------------------------------------------------------------------------------------
     # setup
@@ -310,6 +324,13 @@ class Learner:
         if self.cfg.run.resume and self.latest_checkpoint() is not None:
             self.load_checkpoint()
         if self.publish is not None:
+            ahead = self.weights.current_version()
+            if ahead > self.version:
+                # A crash between a push and the next checkpoint: the servers hold a newer version than the resumed
+                # learner. Versions only move forward: its weights go out as the next version (announcing the
+                # checkpoint's older number would make the run's pushed versions go backwards).
+                self.log(f"[learner] registry at v{ahead} > checkpoint v{self.version}: publishing as v{ahead + 1}")
+                self.version = ahead + 1
             self._publish(self.export_weights(self.version))
 
     def _make_optimizer(self, params):
@@ -358,6 +379,7 @@ class Learner:
     def step(self, trajectories: Iterable[Trajectory]) -> StepStats:
         """One update of both policies on one batch. Returns the step's metrics (`StepStats`, a mapping)."""
         t0 = time.perf_counter()
+        self._last_version_before = self.version  # the version the trajectory store records for this batch
         st = StepStats(agents={a: AgentStats() for a in AGENTS})
         ok = self._admit(trajectories, st)
         col = self._collate(ok, st)
@@ -380,6 +402,7 @@ class Learner:
             self.log(f"[learner] rejected episode {r.episode_id}: {r.reason}: {r.detail}")
         ok, dropped, future, n_err, n_flagged = a.ok, a.n_stale, a.future, a.n_error, a.n_sim_flagged
         self.last_outcomes = a.outcomes
+        self._remember(a.outcomes)
         self.dropped_stale_total += dropped
         self.dropped_future_total += len(future)
         st.dropped_stale, st.dropped_stale_total = dropped, self.dropped_stale_total
@@ -390,6 +413,35 @@ class Learner:
         if trained:
             st.trained_version = min(trained)
         return ok
+
+    def _remember(self, episode_ids: Iterable[str]) -> None:
+        for eid in episode_ids:
+            self.consumed[eid] = None
+            self.consumed.move_to_end(eid)
+        while len(self.consumed) > CONSUMED_IDS_KEPT:
+            self.consumed.popitem(last=False)
+
+    def split_consumed(self, batch: Iterable[Trajectory]) -> tuple[list[Trajectory], list[Trajectory]]:
+        """(new, already consumed) of a batch: a trajectory whose id an earlier step (before a restart too) saw is
+        not trained again."""
+        new: list[Trajectory] = []
+        seen: list[Trajectory] = []
+        for t in batch:
+            (seen if t.episode_id in self.consumed else new).append(t)
+        return new, seen
+
+    def dedupe_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the dedupe: the consumed ids and the last step's outcomes (`unrecorded`)."""
+        return {
+            "consumed_ids": list(self.consumed),
+            "last_outcomes": dict(self.last_outcomes),
+            "last_outcomes_version": self._last_version_before,
+        }
+
+    def load_dedupe_state(self, state: Mapping[str, Any]) -> None:
+        self.consumed = collections.OrderedDict.fromkeys(state.get("consumed_ids", ()))
+        version = int(state.get("last_outcomes_version", self.version))
+        self.unrecorded = {eid: (o, version) for eid, o in state.get("last_outcomes", {}).items()}
 
     def _collate(self, ok: list[Trajectory], st: StepStats) -> CollateResult:
         """Rows per agent, with the grammar's admitted-token sets of every constrained completion."""
@@ -583,9 +635,19 @@ class Learner:
         return self.weights.write(version, {a: writer(a) for a in AGENTS})
 
     def _publish(self, exported: dict[str, Path]) -> None:
+        from gopo_online.serving.weights import StaleServerError, WeightPushError
+
         self.steps_since_push = 0
         if self.publish is not None:
-            self.publish(self.version, exported)
+            try:
+                self.publish(self.version, exported)
+            except (WeightPushError, StaleServerError) as e:
+                # A server that died mid-push (or is being restarted) is the controller's to restart and refit,
+                # to the registry's version, which a failed push leaves unchanged; training goes on, nothing is
+                # announced (the workers keep tagging what the servers serve) and the next push catches up.
+                self.push_failures += 1
+                self.log(f"[learner] push of v{self.version} failed, training goes on (the next push catches up): {e}")
+                return
         if self.announce is not None:
             self.announce(self.version, exported)
 
@@ -646,6 +708,7 @@ class Learner:
             "pid": self.pid.state_dict(),
             "py_rng": _jsonable(random.getstate()),
             "np_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            **self.dedupe_state(),
         }
         (tmp / "learner_state.json").write_text(json.dumps(state))
         final = root / name
@@ -689,6 +752,7 @@ class Learner:
         random.setstate(_tuplify(state["py_rng"]))
         s = state["np_rng"]
         np.random.set_state((s[0], np.array(s[1], dtype=np.uint32), *s[2:]))
+        self.load_dedupe_state(state)
         if self.lora:
             self._set_trainable(self.engines["lora"].module)
         self.log(f"[learner] resumed from {path}: step {self.global_step}, version {self.version}")
@@ -747,8 +811,9 @@ def main(
     run = _setup(cfg, source, publish, announce)
     try:
         run.learner.setup()
-        if run.sync is not None:
-            _catch_up_with_registry(run.learner, run.sync)
+        if run.learner.unrecorded:  # resumed: which of the checkpoint's last batch the store already holds
+            for eid in run.store.recorded(run.learner.unrecorded):
+                run.learner.unrecorded.pop(eid, None)
         _loop(cfg, run, on_metrics)
     finally:
         _cleanup(run)
@@ -808,7 +873,7 @@ def _setup(
         source = _batches(
             consumer, cfg.learner.batch_episodes, should_stop=stop.is_set, group_size=cfg.learner.group_size
         )
-        ack = consumer.ack
+        ack = _tolerant_ack(consumer)
         consumer.on_dead_letter = store.dead_letter
         broadcast = _safe_emit(events)
         if announce is None:
@@ -831,7 +896,12 @@ def _loop(cfg: GopoConfig, run: _Run, on_metrics: Callable[[Mapping[str, float]]
     """One step per batch; record what became of each trajectory; ack after the step; events; stop at the budget."""
     learner = run.learner
     t_start = time.time()
-    for batch in run.source:
+    for delivered in run.source:
+        batch, consumed = learner.split_consumed(delivered)
+        if consumed:
+            _drop_consumed(learner, run, consumed)
+            if not batch:
+                continue
         t_step = time.perf_counter()
         step_before, version_before = learner.global_step, learner.version
         metrics = learner.step(batch)
@@ -852,6 +922,19 @@ def _loop(cfg: GopoConfig, run: _Run, on_metrics: Callable[[Mapping[str, float]]
             break
 
 
+def _drop_consumed(learner: Learner, run: _Run, consumed: list[Trajectory]) -> None:
+    """Redelivered trajectories an earlier step (before a restart too: the checkpoint keeps the ids) already saw:
+    acked, not trained again. Those of the checkpoint's last batch that never reached the store (the learner died
+    between the checkpoint and the store's write) are recorded now, with the outcome the step gave them."""
+    late = [t for t in consumed if t.episode_id in learner.unrecorded]
+    for t in late:
+        outcome, version = learner.unrecorded.pop(t.episode_id)
+        run.store.append(t, outcome, version)  # type: ignore[arg-type]
+    run.ack([t.episode_id for t in consumed])
+    ids = [t.episode_id for t in consumed]
+    learner.log(f"[learner] {len(ids)} redelivered trajectories already trained on (not again): {ids[:8]}")
+
+
 def _cleanup(run: _Run) -> None:
     """Checkpoint what was trained, free the engines, close the stream parts, give SIGINT back."""
     learner = run.learner
@@ -865,14 +948,18 @@ def _cleanup(run: _Run) -> None:
         run.restore_sigint()
 
 
-def _catch_up_with_registry(learner: Learner, sync: Any) -> None:
-    """After a crash between a push and the next checkpoint the servers hold a newer version than the resumed
-    learner. Versions only move forward: publish the learner's weights as the next version."""
-    ahead = sync.current_version()
-    if ahead > learner.version:
-        learner.log(f"[learner] registry at v{ahead} > checkpoint v{learner.version}: publishing as v{ahead + 1}")
-        learner.version = ahead + 1
-        learner._publish(learner.export_weights(learner.version))
+def _tolerant_ack(consumer: Any) -> Callable[[list[str]], Any]:
+    """Acks that fail because the broker went away are not the step's failure: the unacked messages come back
+    (restored by the broker or the controller) and the learner drops them as consumed."""
+
+    def ack(episode_ids: list[str]) -> None:
+        try:
+            consumer.ack(episode_ids)
+        except consumer.broker_errors as e:
+            print(f"[learner] acks of {len(episode_ids)} trajectories lost with the broker connection ({e!r}); "
+                  "their redelivery is dropped as consumed", flush=True)  # fmt: skip
+
+    return ack
 
 
 def _safe_emit(events: Any) -> Callable[[Any], None]:
@@ -901,12 +988,36 @@ def _batches(
     timeout_s: float = 5.0,
     should_stop: Callable[[], bool] = lambda: False,
     group_size: int = 1,
+    max_outage_s: float = 180.0,
+    retry_s: float = 2.0,
+    log: Callable[[str], Any] = print,
 ) -> Iterator[list[Trajectory]]:
     """Batches from the consumer until `should_stop()` (checked at least every `timeout_s`), whole GRPO groups
-    together (`group_batch`); what a batch leaves behind stays unacked for the next one."""
+    together (`group_batch`); what a batch leaves behind stays unacked for the next one.
+
+    The broker unreachable (restarted by the controller, paused) is waited out, retrying every `retry_s`, for up
+    to `max_outage_s`; then the error propagates (the learner exits and is restarted). Messages handed over on
+    the lost connection are trained all the same; their acks are lost with it, so the broker delivers them again
+    later and the learner drops them as consumed (`Learner.split_consumed`)."""
     pending: list[Trajectory] = []
+    errors = getattr(consumer, "broker_errors", ())
+    down_since: float | None = None
     while not should_stop():
-        pending += consumer.get_batch(batch_episodes, timeout_s)
+        try:
+            got = consumer.get_batch(batch_episodes, timeout_s)
+        except errors as e:
+            now = time.monotonic()
+            if down_since is None:
+                down_since = now
+                log(f"[learner] the broker is unreachable ({type(e).__name__}: {e}); waiting up to {max_outage_s:.0f}s")
+            elif now - down_since > max_outage_s:
+                raise
+            time.sleep(retry_s)
+            continue
+        if down_since is not None:
+            log(f"[learner] the broker is back after {time.monotonic() - down_since:.1f}s")
+            down_since = None
+        pending += got
         if len(pending) < batch_episodes:
             continue
         # wait for the missing members of a group only while little is held: a failed member never arrives

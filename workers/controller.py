@@ -149,11 +149,25 @@ class Dispatcher:
         )
 
 
-def _refit(cfg: GopoConfig, root_url: str, run_dir: Path) -> int:
-    """Stale until refit: bring a (re)started policy server to the version the learner last pushed (returned)."""
+def _refit(cfg: GopoConfig, root_url: str, run_dir: Path, sink: Any = None) -> int:
+    """Stale until refit: bring a (re)started policy server to the version the learner last pushed (returned).
+
+    When the registry's folders are gone (removed by hand, a disk clean-up) nothing is sent for the missing path
+    (it would kill vLLM's engine): the server is refit to the newest complete version on disk, said on the console
+    and as an error event, and the learner's next push (a new version, written afresh) makes it current again."""
     from gopo_online.serving.weights import WeightSync
 
-    return WeightSync.from_config(cfg, run_dir=run_dir, servers=[root_url]).refit(root_url)
+    sync = WeightSync.from_config(cfg, run_dir=run_dir, servers=[root_url])
+    served = sync.refit(root_url, fallback=True)
+    current = sync.current_version()
+    if served != current:
+        paths = (sync.registry.current() or {}).get("paths", {})
+        text = (f"the registry's v{current} weights cannot be loaded ({', '.join(sorted(paths.values()))}: missing "
+                f"or incomplete); the policy server serves v{served} until the learner's next push")  # fmt: skip
+        print(f"[train] {text}", flush=True)
+        if sink is not None:
+            sink.error(text, source="weights")
+    return served
 
 
 def _kill_group(pid: int | None) -> None:
@@ -248,7 +262,7 @@ def train(
 
             def refit_server() -> None:
                 # stale until refit: the restarted server serves the base weights until it is brought back
-                sink.version = _refit(cfg, policy_root, run_dir)
+                sink.version = _refit(cfg, policy_root, run_dir, sink)
                 print(f"[train] restarted policy server refit to version {sink.version}", flush=True)
 
             sup.add(Part("policy-server", alive=lambda: server.running, restart=restart_server,
@@ -276,7 +290,7 @@ def train(
                 sup.add(Part("simulator-server", alive=lambda: sim.running, restart=restart_sim,
                              log_tail=sim.log_tail))  # fmt: skip
             child_sets.append(f"serving.simulator_server.url={sim_root}")
-        sink.version = _refit(cfg, policy_root, run_dir)
+        sink.version = _refit(cfg, policy_root, run_dir, sink)
         from gopo_online.serving.server_metrics import ServerThroughput
 
         server_rate = ServerThroughput(policy_root)

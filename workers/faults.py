@@ -8,13 +8,20 @@ it, and waits for the run to recover:
 - "broker":  SIGKILL the embedded Redis (the supervisor restarts it on the same port; its AOF replays);
 - "learner": SIGKILL the learner while a checkpoint is being written (a `.tmp-step-*` dir exists), else right
   after a learner step;
-- "server":  SIGKILL the vLLM policy server right after a learner step (while the push is in progress);
+- "server":  SIGKILL the vLLM policy server during a weight push (the next version's folders are written, the
+  registry does not have it yet), else right after a push;
+- "reload-path": remove the folders of the registry's current version (the path a refit would load is gone),
+  then SIGKILL the vLLM server: the restarted server must not be sent the missing path (it would kill vLLM's
+  engine); the controller refits it to the newest complete older version and says so;
 - "broker-pause": SIGSTOP the embedded Redis for 30 s (unreachable, not dead: nothing to restart), then SIGCONT.
 
-Recovery = the supervisor's "restart" event for the part, then one more finished episode. At the end it reads
+Recovery = the supervisor's "restart" event for the part, then one more finished episode (for the learner: one
+more learner step). At the end it reads
 metrics.jsonl, controller.json and learner_metrics.jsonl: episodes dispatched, trained (what the learner
 consumed), lost (deadline passed, or a held episode neither finished nor handed back), duplicated (an episode
-id finished twice). `bench_faults` (`gopo-online bench --only faults`) runs all four and prints the table.
+id finished twice). `bench_faults` (`gopo-online bench --only faults`) runs all of them in one run (`BENCH`:
+a budget long enough for six faults; the run is stopped with Ctrl-C once the last one recovered and the learner
+took one more step) and prints the table.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,8 +38,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-FAULTS = ("worker", "broker", "learner", "server", "broker-pause")
-PART_OF = {"worker": "worker-", "broker": "broker", "learner": "learner", "server": "policy-server"}
+FAULTS = ("worker", "broker", "learner", "server", "reload-path", "broker-pause")
+PART_OF = {
+    "worker": "worker-",
+    "broker": "broker",
+    "learner": "learner",
+    "server": "policy-server",
+    "reload-path": "policy-server",
+}
 PAUSE_S = 30.0
 
 SHORT = [
@@ -53,6 +67,13 @@ SHORT = [
     "dashboard.tensorboard=false",
 ]
 """A shortened default run: tiny episodes, a learner step every 2 episodes, a push and a checkpoint each step."""
+BENCH = [
+    *(s for s in SHORT if not s.startswith(("run.max_steps", "run.max_episodes", "run.max_minutes"))),
+    "run.max_steps=200",
+    "run.max_episodes=1000",
+    "run.max_minutes=30",
+]
+"""SHORT with a budget that outlasts all six faults (the bench stops the run itself after the last one)."""
 
 
 def _events(run_dir: Path) -> list[dict[str, Any]]:
@@ -91,8 +112,10 @@ class _Run:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def children(self, needle: str) -> list[Any]:
-        """Descendants whose argv has `needle` as a whole argument (a job: "worker") or inside its first three."""
+    def children(self, needle: str, whole: bool = False) -> list[Any]:
+        """Descendants whose argv has `needle` as a whole argument (a job: "learner") or, unless `whole`, inside its
+        first three (a program: "redis-server"; a Celery worker, which retitles itself "[celeryd: …] (worker …)").
+        `whole` for the learner: a retitled worker's one-string argv holds "--set learner.…" too."""
         import psutil
 
         found = []
@@ -100,7 +123,7 @@ class _Run:
             for c in self.ps.children(recursive=True):
                 try:
                     argv = c.cmdline()
-                    if needle in argv or any(needle in a for a in argv[:3]):
+                    if needle in argv or (not whole and any(needle in a for a in argv[:3])):
                         found.append(c)
                 except psutil.Error:
                     continue
@@ -140,6 +163,15 @@ def _held(url: str, namespace: str) -> dict[str, str]:
         client.close()
 
 
+def _registry_version(weights: Path) -> int:
+    """The version weights/versions.json (gopo_online.serving.weights) says every server confirmed; 0 before."""
+    try:
+        cur = json.loads((weights / "versions.json").read_text()).get("current")
+    except (OSError, ValueError):
+        return 0
+    return int(cur["version"]) if cur else 0
+
+
 def _inject(run: _Run, fault: str, namespace: str, timeout_s: float) -> dict[str, Any]:
     """Wait for the fault's moment, SIGKILL the part; returns what was killed, when, and what it held."""
     row: dict[str, Any] = {"fault": fault}
@@ -166,18 +198,38 @@ def _inject(run: _Run, fault: str, namespace: str, timeout_s: float) -> dict[str
         def moment() -> Any:
             if ckpt.is_dir() and any(p.name.startswith(".tmp-step") for p in ckpt.iterdir()):
                 row["moment"] = "checkpoint written, not yet renamed"
-                return (run.children("learner") or [None])[0]
+                return (run.children("learner", whole=True) or [None])[0]
             if sum(e["kind"] == "learner" for e in _events(run.run_dir)) > n_steps:
                 row["moment"] = "right after a step (checkpoint window missed)"
-                return (run.children("learner") or [None])[0]
+                return (run.children("learner", whole=True) or [None])[0]
             return None
 
         proc = run.wait(moment, timeout_s, "learner checkpoint", step=0.01)
     elif fault == "server":
-        n_steps = sum(e["kind"] == "learner" for e in _events(run.run_dir))
-        run.wait(lambda: sum(e["kind"] == "learner" for e in _events(run.run_dir)) > n_steps, timeout_s, "a step")
+        weights = run.run_dir / "weights"
+        cur = _registry_version(weights)
+
+        def pushing() -> Any:
+            now = _registry_version(weights)
+            if now > cur:
+                row["moment"] = f"right after the push of v{now} (push window missed)"
+                return True
+            if all((weights / a / f"lora-v{cur + 1}").is_dir() for a in ("expert", "cs")):
+                row["moment"] = f"during the push of v{cur + 1} (written, not yet confirmed)"
+                return True
+            return None
+
+        run.wait(pushing, timeout_s, "a weight push", step=0.005)
         proc = run.wait(lambda: (run.children("vllm.entrypoints") or [None])[0], 10, "vLLM server")
-        row["moment"] = "right after a learner step (push in progress)"
+    elif fault == "reload-path":
+        weights = run.run_dir / "weights"
+        run.wait(lambda: _registry_version(weights) >= 2, timeout_s, "a second confirmed push", step=0.2)
+        current = json.loads((weights / "versions.json").read_text())["current"]
+        for path in current["paths"].values():
+            shutil.rmtree(path, ignore_errors=True)
+        row["moment"] = f"v{current['version']} folders removed, server killed"
+        row["removed_version"] = current["version"]
+        proc = run.wait(lambda: (run.children("vllm.entrypoints") or [None])[0], 10, "vLLM server")
     else:
         raise ValueError(f"unknown fault {fault!r}; choose from {FAULTS}")
     row["killed_pid"] = proc.pid
@@ -214,11 +266,18 @@ def _recover(run: _Run, row: dict[str, Any], timeout_s: float) -> None:
     row["restart_s"] = round(ev["time"] - t_kill, 1)
     row["redelivered"] = ev.get("payload", {}).get("redelivered", [])
 
-    def progressed() -> Any:
-        return next((e for e in _events(run.run_dir) if e["kind"] == "episode" and e["time"] > ev["time"]), None)
+    kind = "learner" if row["fault"] == "learner" else "episode"  # a restarted learner recovered when it steps
 
-    ev2 = run.wait(progressed, timeout_s, "an episode after the restart", step=0.2)
+    def progressed() -> Any:
+        return next((e for e in _events(run.run_dir) if e["kind"] == kind and e["time"] > ev["time"]), None)
+
+    ev2 = run.wait(progressed, timeout_s, f"a {kind} event after the restart", step=0.2)
     row["recovered_s"] = round(ev2["time"] - t_kill, 1)
+    if row["fault"] == "reload-path":
+        # the console line of workers/controller.py `_refit`; absent when the learner pushed a new version first
+        m = re.search(r"\[train\] the registry's v(\d+) weights cannot be loaded .*? serves v(\d+)", run.output())
+        row["moment"] += f"; refit to v{m.group(2)}" if m else "; the learner pushed a new version first"
+        row["reported"] = bool(m)
     run.log(f"[faults] {row['fault']}: restarted in {row['restart_s']}s, next episode after {row['recovered_s']}s")
 
 
@@ -229,9 +288,13 @@ def run_faults(
     *,
     step_timeout_s: float = 240.0,
     finish_timeout_s: float = 420.0,
+    stop_after: bool = False,
     log: Any = print,
 ) -> dict[str, Any]:
-    """One shortened `train` taking `faults` in turn; returns {"rows", "totals", "rc", "output"}."""
+    """One shortened `train` taking `faults` in turn; returns {"rows", "totals", "rc", "output"}.
+
+    `stop_after`: once the last fault recovered and the learner took one more step, stop the run (SIGINT, as
+    Ctrl-C) instead of waiting for its budget."""
     sets = list(SHORT if sets is None else sets)
     run = _Run(run_dir, sets, log)
     rows: list[dict[str, Any]] = []
@@ -243,7 +306,12 @@ def run_faults(
         cfg = json.loads((run_dir / "config.json").read_text())
         namespace = cfg["broker"]["task_queue"]
         for fault in faults:
-            row = _inject(run, fault, namespace, step_timeout_s)
+            try:
+                row = _inject(run, fault, namespace, step_timeout_s)
+            except (TimeoutError, RuntimeError) as e:
+                rows.append({"fault": fault, "outcome": f"not injected: {e}"})
+                log(f"[faults] {fault}: {e}")
+                break
             rows.append(row)
             try:
                 _recover(run, row, step_timeout_s)
@@ -252,6 +320,11 @@ def run_faults(
                 log(f"[faults] {fault}: {e}")
                 break
             row["outcome"] = "recovered"
+        if stop_after and rows and rows[-1].get("outcome") == "recovered":
+            t_last = time.time()
+            run.wait(lambda: any(e["kind"] == "learner" and e["time"] > t_last for e in _events(run_dir)),
+                     step_timeout_s, "a learner step after the last fault", step=0.5)  # fmt: skip
+            run.proc.send_signal(signal.SIGINT)
         # the run ends by its budget; time its stop from the console's "stopping" line to the exit
         deadline = time.time() + finish_timeout_s
         t_stopping = None
@@ -304,15 +377,16 @@ def totals(run_dir: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     t = result["totals"]
-    lines = [f"{'fault':<8} {'moment':<40} {'restart':>8} {'recovered':>10}  outcome"]
+    lines = [f"{'fault':<12} {'moment':<58} {'restart':>8} {'recovered':>10}  outcome"]
     for r in result["rows"]:
         moment = r.get("moment") or (f"mid-episode, held {len(r.get('held', []))}" if r["fault"] == "worker" else "")
         rs = f"{r['restart_s']}s" if isinstance(r.get("restart_s"), float | int) else "-"
         rec = f"{r['recovered_s']}s" if "recovered_s" in r else "-"
-        lines.append(f"{r['fault']:<8} {moment[:40]:<40} {rs:>8} {rec:>10}  {r.get('outcome', '?')}")
+        lines.append(f"{r['fault']:<12} {moment[:58]:<58} {rs:>8} {rec:>10}  {r.get('outcome', '?')}")
     lines.append(
         f"run: rc {result['rc']}; dispatched {t['dispatched']}, finished {t['finished']}, trained {t['trained']}, "
-        f"lost {t['lost']}, duplicated {t['duplicated']}, handed back {t['handed_back']}, restarts {t['restarts']}, "
+        f"lost {t['lost']}, duplicated {t['duplicated']}, trained twice {len(t.get('trained_twice', []))}, "
+        f"handed back {t['handed_back']}, restarts {t['restarts']}, "
         f"stop took {t.get('stop_s')}s"
     )
     return "\n".join(lines)
@@ -323,8 +397,9 @@ def bench_faults(cfg: Any) -> list[dict[str, Any]]:
     import tempfile
 
     run_dir = Path(tempfile.mkdtemp(prefix="gopo-faults-")) / "faults"
-    result = run_faults(run_dir, FAULTS)
+    result = run_faults(run_dir, FAULTS, BENCH, stop_after=True)
     print(table(result), flush=True)
+    print(json.dumps(result["totals"]), flush=True)
     t = result["totals"]
     rows = [
         {"bench": "faults", "metric": f"{r['fault']} recovered", "value": float(r.get("recovered_s", float("nan"))),

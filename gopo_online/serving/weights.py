@@ -687,13 +687,50 @@ class WeightSync:
                 versions = [t.server_version(admin) for t in self.transports.values()]
         return None if None in versions else min(v for v in versions if v is not None)
 
-    def refit(self, url: str) -> int:
+    def refit(self, url: str, *, fallback: bool = False) -> int:
         """Bring a (re)started server to the registry's current version; returns it once the server reports it.
 
         Pushes the already-written folders (verified first); never writes weights, never changes the registry.
-        Raises `StaleServerError` when the server does not confirm.
+        Raises `StaleServerError` when the server does not confirm. A registry folder that is gone or incomplete
+        raises `WeightPushError` (nothing is sent: a missing path must never reach the server), unless
+        `fallback`: then the server is refit to the newest other version whose folders are all complete
+        (`refit_fallback`), and that version is returned (0 = the base model, when none is left).
         """
         want = self.registry.current()
+        if want is not None and self.server_version(url) != int(want["version"]):
+            try:
+                for agent in self.agents:
+                    verify_weights_dir(Path(want["paths"][agent]), self.transport_name)  # type: ignore[arg-type]
+            except WeightPushError as e:
+                if not fallback:
+                    raise
+                return self.refit_fallback(url, int(want["version"]), str(e))
+        return self._refit_to(url, want)
+
+    def refit_fallback(self, url: str, current: int, why: str) -> int:
+        """The registry's version `current` cannot be loaded (`why`): refit to the newest complete version on disk.
+
+        Newer ones first: a version the learner wrote but could not push (the server was down) is its latest
+        weights, and the workers, which tag turns with the announced (registry's) version, then record a version
+        older than the weights, never newer (the staleness filter stays conservative). Else the newest older one.
+        Stale until the learner's next push (a new version, written afresh) brings the server current again."""
+        for v in reversed([v for v in self.versions() if v != current]):
+            paths = {a: self.path(a, v) for a in self.agents}
+            try:
+                for p in paths.values():
+                    verify_weights_dir(p, self.transport_name)  # type: ignore[arg-type]
+            except WeightPushError:
+                continue
+            log.warning(
+                "refit of %s: registry v%d unusable (%s); serving v%d until the next push", url, current, why, v
+            )
+            return self._refit_to(url, {"version": v, "paths": {a: str(p) for a, p in paths.items()}})
+        log.warning(
+            "refit of %s: registry v%d unusable (%s) and no other version is complete: base model", url, current, why
+        )
+        return 0
+
+    def _refit_to(self, url: str, want: Mapping[str, Any] | None) -> int:
         with self.admin(url) as admin:
             for agent, transport in self.transports.items():
                 have = transport.server_version(admin)

@@ -339,6 +339,35 @@ def test_restarted_server_is_stale_until_refit(tmp_path, fake) -> None:
         other.refit(fake.url)
 
 
+def test_refit_to_a_registry_path_that_is_gone(tmp_path, fake) -> None:
+    """The registry's folders were removed (a clean-up, a full disk's rescue) and the server restarts: nothing
+    is sent for the missing path (it would kill vLLM's engine); with `fallback` the server is refit to the newest
+    complete version on disk (stale until the learner's next push), else the error names the folder."""
+    import shutil
+
+    sync = _sync(tmp_path, [fake.url])
+    for v in (1, 2, 3):
+        sync.publish(v, {"expert": _writer(v), "cs": _writer(v)})
+    shutil.rmtree(tmp_path / "w" / "cs" / "lora-v3")  # the registry's current version, one agent's folder
+    (tmp_path / "w" / "expert" / "lora-v2" / "adapter_model.safetensors").write_bytes(b"trunc")  # v2 incomplete
+    fake.lora.clear()  # restarted
+    fake.calls.clear()
+    other = _sync(tmp_path, [fake.url])  # the controller's own instance
+    with pytest.raises(WeightPushError, match="lora-v3 does not exist"):
+        other.refit(fake.url)
+    assert [c for c in fake.calls if c["method"] == "POST"] == []
+    assert other.refit(fake.url, fallback=True) == 1  # v2 is incomplete too: v1
+    loaded = {c["body"]["lora_path"] for c in fake.calls if c["path"] == "/v1/load_lora_adapter"}
+    assert loaded == {str(tmp_path / "w" / a / "lora-v1") for a in ("expert", "cs")}
+    assert other.current_version() == 3 and other.server_version() == 1  # the registry is not rewritten
+    # a version the learner wrote but could not push (the server was down) is newer: it wins
+    sync.write(4, {"expert": _writer(4), "cs": _writer(4)})
+    fake.lora.clear()
+    assert other.refit(fake.url, fallback=True) == 4 and other.current_version() == 3
+    # the learner's next push is a new version, written afresh: the server is current again
+    assert sync.publish(5, {"expert": _writer(5), "cs": _writer(5)}).version == 5 and sync.server_version() == 5
+
+
 def test_lora_rejects_incomplete_adapter_dir(tmp_path, fake) -> None:
     sync = _sync(tmp_path, [fake.url])
     (tmp_path / "a").mkdir()

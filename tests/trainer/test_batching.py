@@ -48,3 +48,36 @@ def test_batches_yield_whole_groups_from_a_consumer(fake_tok):
     for batch in _batches(consumer, 4, 0.0, should_stop=lambda: not consumer.arrivals and len(got) >= 2, group_size=4):
         got.append(sorted({t.group_id for t in batch}))
     assert got == [["A"], ["B"]]
+
+
+class _FlakyBroker(_Consumer):
+    """The broker restarted or paused: `get_batch` raises kombu's OperationalError `outage` times first."""
+
+    def __init__(self, arrivals, outage):
+        super().__init__(arrivals)
+        self.outage = outage
+        from kombu.exceptions import OperationalError
+
+        self.broker_errors = (OperationalError,)
+
+    def get_batch(self, n, timeout_s):
+        if self.outage:
+            from kombu.exceptions import OperationalError
+
+            self.outage -= 1
+            raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+        return super().get_batch(n, timeout_s)
+
+
+def test_batches_wait_out_a_broker_outage_then_give_up_after_max_outage(fake_tok):
+    import pytest
+    from kombu.exceptions import OperationalError
+
+    logged = []
+    consumer = _FlakyBroker([_t(fake_tok, i) for i in range(2)], outage=3)
+    batches = _batches(consumer, 2, 0.0, max_outage_s=5.0, retry_s=0.0, log=logged.append)
+    assert _ids(next(batches)) == ["ep0", "ep1"]  # the learner lived through the outage (it used to exit 3)
+    assert "unreachable" in logged[0] and "back after" in logged[1]
+    down = _FlakyBroker([], outage=1 << 30)
+    with pytest.raises(OperationalError):
+        next(_batches(down, 2, 0.0, max_outage_s=0.05, retry_s=0.01, log=logged.append))

@@ -87,6 +87,7 @@ def test_lora_zero0_two_steps_checkpoint_and_resume(tok, tmp_path):
     resumed.setup()
     try:
         assert resumed.global_step == 1 and resumed.version == 1
+        assert list(resumed.consumed) == ["ep0", "ep1"]  # step 1's batch: not trained again if redelivered
         assert json.loads((ckpt / "learner_state.json").read_text())["global_step"] == 1
         for n, p in _lora(resumed).items():
             assert torch.equal(p, after[n]), n
