@@ -107,15 +107,17 @@ def unmoved_adapters(run_dir: Path) -> dict[str, bool]:
     in)? For an lr-0 control this proves its policy is the base model, however long it trained."""
     from safetensors.torch import load_file
 
+    from gopo_online.serving.weights import WeightSync
+
+    sync = WeightSync.for_run(run_dir)
+    versions = sync.versions()
+    if not versions:
+        return {}
     out: dict[str, bool] = {}
-    root = Path(run_dir) / "weights"
-    for agent_dir in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
-        versions = sorted(agent_dir.glob("lora-v*"), key=lambda p: int(p.name.rsplit("v", 1)[1]))
-        if not versions:
-            continue
-        tensors = load_file(str(versions[-1] / "adapter_model.safetensors"))
+    for agent in sync.agents:
+        tensors = load_file(str(sync.path(agent, versions[-1]) / "adapter_model.safetensors"))
         bs = [t for name, t in tensors.items() if "lora_B" in name]
-        out[agent_dir.name] = bool(bs) and all(bool((t == 0).all()) for t in bs)
+        out[agent] = bool(bs) and all(bool((t == 0).all()) for t in bs)
     return out
 
 
