@@ -163,13 +163,12 @@ def _held(url: str, namespace: str) -> dict[str, str]:
         client.close()
 
 
-def _registry_version(weights: Path) -> int:
-    """The version weights/versions.json (gopo_online.serving.weights) says every server confirmed; 0 before."""
+def _registry_version(sync: Any) -> int:
+    """The version the run's weight registry (gopo_online.serving.weights) says every server confirmed; 0 before."""
     try:
-        cur = json.loads((weights / "versions.json").read_text()).get("current")
+        return sync.registry.current_version()
     except (OSError, ValueError):
         return 0
-    return int(cur["version"]) if cur else 0
 
 
 def _inject(run: _Run, fault: str, namespace: str, timeout_s: float) -> dict[str, Any]:
@@ -206,7 +205,9 @@ def _inject(run: _Run, fault: str, namespace: str, timeout_s: float) -> dict[str
 
         proc = run.wait(moment, timeout_s, "learner checkpoint", step=0.01)
     elif fault == "server":
-        weights = run.run_dir / "weights"
+        from gopo_online.serving.weights import WeightSync
+
+        weights = WeightSync.for_run(run.run_dir)  # the weights module owns the folder layout
         cur = _registry_version(weights)
 
         def pushing() -> Any:
@@ -214,7 +215,7 @@ def _inject(run: _Run, fault: str, namespace: str, timeout_s: float) -> dict[str
             if now > cur:
                 row["moment"] = f"right after the push of v{now} (push window missed)"
                 return True
-            if all((weights / a / f"lora-v{cur + 1}").is_dir() for a in ("expert", "cs")):
+            if all(weights.path(a, cur + 1).is_dir() for a in weights.agents):
                 row["moment"] = f"during the push of v{cur + 1} (written, not yet confirmed)"
                 return True
             return None
@@ -222,9 +223,11 @@ def _inject(run: _Run, fault: str, namespace: str, timeout_s: float) -> dict[str
         run.wait(pushing, timeout_s, "a weight push", step=0.005)
         proc = run.wait(lambda: (run.children("vllm.entrypoints") or [None])[0], 10, "vLLM server")
     elif fault == "reload-path":
-        weights = run.run_dir / "weights"
+        from gopo_online.serving.weights import WeightSync
+
+        weights = WeightSync.for_run(run.run_dir)
         run.wait(lambda: _registry_version(weights) >= 2, timeout_s, "a second confirmed push", step=0.2)
-        current = json.loads((weights / "versions.json").read_text())["current"]
+        current = weights.registry.current()
         for path in current["paths"].values():
             shutil.rmtree(path, ignore_errors=True)
         row["moment"] = f"v{current['version']} folders removed, server killed"
