@@ -81,6 +81,8 @@ class Service:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=env, cwd=ROOT, start_new_session=True)  # fmt: skip
+        self.killed = False
+        """Set when the test kills it on purpose."""
         self.seen: set[int] = set()
         """Every descendant pid ever seen (vLLM's engine core lives in a session of its own)."""
 
@@ -120,16 +122,21 @@ class Service:
 
 
 def _until(pred, timeout_s: float, what: str, services: list[Service], step: float = 0.2):
+    """Poll `pred` until truthy; fail at once (with every log tail) when a service not yet killed by the test
+    exits with an error, since nothing restarts a part in this layout."""
     deadline = time.time() + timeout_s
-    while time.time() < deadline:
+    failed = None
+    while time.time() < deadline and failed is None:
         for s in services:
             s.watch()
         v = pred()
         if v:
             return v
+        failed = next((s for s in services if not s.killed and s.proc.poll() not in (None, 0)), None)
         time.sleep(step)
     tails = "\n".join(f"--- {s.name} (rc {s.proc.poll()})\n{s.output()[-2500:]}" for s in services)
-    raise AssertionError(f"no {what} within {timeout_s:.0f}s\n{tails}")
+    why = f"{failed.name} exited with {failed.proc.returncode}" if failed else f"none within {timeout_s:.0f}s"
+    raise AssertionError(f"waiting for {what}: {why}\n{tails}")
 
 
 def _events(run_dir: Path) -> list[dict]:
@@ -210,6 +217,7 @@ def test_cluster_layout_as_processes_survives_a_worker_killed_mid_episode(tmp_pa
 
         victim, held = _until(mid_episode, 240, "a worker playing an episode", services)
         survivor = next(w for w in workers if w is not victim)
+        victim.killed = True
         victim.signal(signal.SIGKILL)
         t_kill = time.time()
         assert victim.wait(10) == -signal.SIGKILL
