@@ -48,6 +48,7 @@ BUDGET = [
     "agents.cs.max_tokens=32",
     "judge.max_tokens=64",
     "learner.batch_episodes=2",
+    "learner.group_size=2",  # GRPO groups of 2: the first batch is episodes 0 and 1, the victim's among them
     "learner.push_every=1",
     "learner.max_staleness=1",
     "learner.checkpoint_every=1",
@@ -226,7 +227,7 @@ def test_cluster_layout_as_processes_survives_a_worker_killed_mid_episode(tmp_pa
                services)  # fmt: skip
         redelivered_s = time.time() - t_kill
 
-        rc = _until(lambda: controller.proc.poll() is not None and (controller.proc.returncode,), 300,
+        rc = _until(lambda: controller.proc.poll() is not None and (controller.proc.returncode,), 540,
                     "controller stop", services)[0]  # fmt: skip
         out = controller.output()
         assert rc == 0, out[-4000:]
