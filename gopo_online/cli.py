@@ -195,12 +195,26 @@ def eval_(
 
 
 @app.command()
-def serve(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+def serve(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    start: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--start",
+            help="Start this server (policy | simulator) on its host:port even though its url is set: in a cluster "
+            "config the url is how the other parts reach this server (repeatable).",
+        ),
+    ] = None,
+) -> None:
     """Start the vLLM servers of the config (policy, and simulator/judge if separate) and wait."""
     cfg = _load(config, set_)
+    bad = sorted(set(start or []) - {"policy", "simulator"})
+    if bad:
+        raise typer.BadParameter(f"{', '.join(bad)}: --start takes policy or simulator", param_hint="--start")
     if not _has("gopo_online.serving.process"):
         _not_built("serve", "issue: Serving")
-    _call("gopo_online.serving.process:serve_forever", cfg)
+    _call("gopo_online.serving.process:serve_forever", cfg, start=tuple(start or ()))
 
 
 @app.command()

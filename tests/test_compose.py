@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gopo_online import layout
 from gopo_online.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,22 +21,38 @@ def _compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
 
 
+def policy_health(services: dict) -> list[str]:
+    return services["vllm-policy"]["healthcheck"]["test"]
+
+
+def test_layout_argv_spells_config_and_overrides() -> None:
+    assert layout.argv("controller", "c.toml", ["a.b=1"]) == ["train", "--no-spawn", "-c", "c.toml", "--set", "a.b=1"]
+    with pytest.raises(ValueError, match="unknown service 'redis'"):
+        layout.argv("redis", "c.toml")
+
+
 def test_services_and_their_commands_match_the_cli_and_config() -> None:
     services = _compose()["services"]
     assert {"redis", "vllm-policy", "vllm-sim", "worker", "learner", "controller", "flower"} <= set(services)
-    for name in ("worker", "learner", "controller"):
+    for name in ("worker", "learner", "controller", "vllm-policy"):
         cmd = services[name]["command"]
-        assert cmd[0] in {"worker", "learner", "train"}
+        # one source of truth: the commands tests/test_cluster_layout.py runs as processes on one box
+        assert cmd == layout.argv(name, layout.COMPOSE_CONFIG), (name, cmd)
+        assert services[name].get("image") == "gopo-online:latest"  # our CLI is the entrypoint
         cfg_path = cmd[cmd.index("-c") + 1]
         assert cfg_path.startswith("/config/")
         cfg = load_config(ROOT / "configs" / Path(cfg_path).name)  # the file the container reads, validated
         assert cfg.broker.url == "redis://redis:6379/0"
         assert cfg.serving.policy.url == "http://vllm-policy:8000"
         assert cfg.serving.simulator_server.url == "http://vllm-sim:8000"
+    assert set(layout.SERVICES) <= set(services) and set(layout.START_ORDER) == set(layout.SERVICES)
+    # `serve --start policy` listens where the others connect: the url's port, the one its healthcheck probes
+    cfg = load_config(ROOT / "configs" / "cluster.toml")
+    assert cfg.serving.policy.port in (None, 8000) and "localhost:8000" in " ".join(policy_health(services))
     # The learner writes adapters where the policy server reads them: the same volume at the same path.
     policy = services["vllm-policy"]
     assert any(v.startswith("runs:/runs") for v in policy["volumes"])
-    assert "--enable-lora" in policy["command"]
+    assert cfg.serving.weight_transport == "lora"  # `serve` enables LoRA hot-load for this transport
     # Only loopback-published ports.
     for svc in services.values():
         for port in svc.get("ports", []):

@@ -866,7 +866,12 @@ def _setup(
         from gopo_online.serving.weights import WeightSync
 
         sync = WeightSync.from_config(cfg, run_dir=cfg.run.run_dir)
-        publish = sync.publish
+
+        def publish(version: int, adapters: Any, sync: Any = sync) -> Any:
+            # started on its own (the cluster layout), the learner may be set up before the policy server is
+            sync.wait_serving(cfg.serving.policy.startup_timeout_s)
+            return sync.publish(version, adapters)
+
     if source is None:
         consumer, announcer, events = _stream_parts(cfg)
         closers += [consumer.close, announcer.close, events.close]

@@ -380,8 +380,32 @@ def _server_threads(cfg: GopoConfig) -> int:
     return resolve_threads(cfg.model.server_threads, "server", servers=2 if cfg.serving.simulator == "separate" else 1)
 
 
-def serve_forever(cfg: GopoConfig) -> None:
-    """`gopo-online serve`: start the config's servers, print their URLs, wait for Ctrl-C/SIGTERM, stop them."""
+def _bind_to_url(cfg: GopoConfig, which: str) -> GopoConfig:
+    """`serve --start W` with serving.W.url set: listen on the url's port (when `port` is unset); a `port` that
+    contradicts the url is an error, not a server nobody reaches."""
+    from urllib.parse import urlsplit
+
+    from gopo_online.config import ConfigError
+
+    key = "policy" if which == "policy" else "simulator_server"
+    scfg: ServerConfig = getattr(cfg.serving, key)
+    url_port = urlsplit(scfg.url or "").port
+    if url_port is None:
+        raise ConfigError(f"serving.{key}.url = {scfg.url!r} names no port: `serve --start {which}` cannot bind to it")
+    if scfg.port is not None and scfg.port != url_port:
+        raise ConfigError(
+            f"serving.{key}.port = {scfg.port} but serving.{key}.url = {scfg.url!r}: the other parts would not reach "
+            f"the server `serve --start {which}` starts"
+        )
+    serving = cfg.serving.model_copy(update={key: scfg.model_copy(update={"port": url_port})})
+    return cfg.model_copy(update={"serving": serving})
+
+
+def serve_forever(cfg: GopoConfig, start: tuple[str, ...] = ()) -> None:
+    """`gopo-online serve`: start the config's servers, print their URLs, wait for Ctrl-C/SIGTERM, stop them.
+
+    A server whose `url` is set is joined, not started, unless it is named in `start` ("policy", "simulator"):
+    then its url is the address the other parts use to reach the server started here (gopo_online/layout.py)."""
     which = ["policy"] + (["simulator"] if cfg.serving.simulator == "separate" else [])
     servers: list[VLLMServer] = []
     stop = threading.Event()
@@ -393,14 +417,14 @@ def serve_forever(cfg: GopoConfig) -> None:
     try:
         for w in list(which):
             scfg = cfg.serving.policy if w == "policy" else cfg.serving.simulator_server
-            if scfg.url:
+            if scfg.url and w not in start:
                 # serving.*.url names a server started elsewhere: `serve` joins it and starts nothing.
                 print(
                     f"[serve] {w}: joining {scfg.url} (serving.{'policy' if w == 'policy' else 'simulator_server'}.url)"
                 )
                 which.remove(w)
                 continue
-            srv = server_from_config(cfg, w)
+            srv = server_from_config(_bind_to_url(cfg, w) if scfg.url else cfg, w)
             print(f"[serve] starting {w} server ({srv.resolved_device}) for {srv.model_path} ...", flush=True)
             servers.append(srv)
             srv.start()

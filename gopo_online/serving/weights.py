@@ -631,6 +631,23 @@ class WeightSync:
         """`with sync.admin(url) as admin:` a client for one server's admin routes, closed on the way out."""
         return contextlib.closing(AdminClient(url, token=self.token, timeout_s=self.timeout_s))
 
+    def wait_serving(self, timeout_s: float, *, poll_s: float = 1.0, clock: Any = time.monotonic) -> None:
+        """Block until every server answers GET /v1/models, at most `timeout_s`; else `WeightPushError` naming the
+        server. In the cluster layout the learner can be ready before the policy server it pushes to (each part
+        starts on its own); a server that answers returns at once (one request)."""
+        deadline = clock() + timeout_s
+        for url in self.servers:
+            while True:
+                try:
+                    with self.admin(url) as admin:
+                        admin.get("/v1/models", timeout_s=5.0)
+                    break
+                except WeightPushError as e:
+                    if clock() >= deadline:
+                        raise WeightPushError(f"policy server {url} not serving after {timeout_s:.0f}s: {e}") from e
+                    log.info("waiting for the policy server %s: %s", url, e)
+                    time.sleep(poll_s)
+
     def publish(self, version: int, adapters: Mapping[str, AdapterSource]) -> PushResult | None:
         """Write (or verify) `version`'s folders, push them to every server, confirm, record, announce, prune.
 

@@ -89,6 +89,36 @@ def test_server_from_config(tmp_path, monkeypatch):
         server_from_config(cfg, "simulator")
 
 
+def test_serve_start_listens_on_the_port_its_url_names(tmp_path, monkeypatch):
+    """`serve --start policy` (the cluster layout, gopo_online/layout.py): serving.policy.url is how the other parts
+    reach the server, so the server started here binds that port; a contradicting port is a clear error."""
+    from gopo_online.config import ConfigError
+    from gopo_online.serving.process import _bind_to_url
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    monkeypatch.delenv("GOPO_ADMIN_TOKEN", raising=False)
+    base = {"model": {"path": str(model)}, "run": {"output_dir": str(tmp_path)}}
+    cfg = GopoConfig.model_validate({**base, "serving": {"policy": {"url": "http://127.0.0.1:8811"}}})
+    bound = _bind_to_url(cfg, "policy")
+    assert server_from_config(bound).port == 8811 and bound.serving.policy.url == "http://127.0.0.1:8811"
+    assert cfg.serving.policy.port is None  # the loaded config is not rewritten
+    same = GopoConfig.model_validate({**base, "serving": {"policy": {"url": "http://h:8811", "port": 8811}}})
+    assert _bind_to_url(same, "policy").serving.policy.port == 8811
+    clash = GopoConfig.model_validate({**base, "serving": {"policy": {"url": "http://h:8811", "port": 9000}}})
+    with pytest.raises(ConfigError, match=r"serving.policy.port = 9000 but serving.policy.url"):
+        _bind_to_url(clash, "policy")
+    with pytest.raises(ConfigError, match="names no port"):
+        _bind_to_url(GopoConfig.model_validate({**base, "serving": {"policy": {"url": "http://h"}}}), "policy")
+
+
+def test_serve_rejects_an_unknown_start_name():
+    proc = subprocess.run([sys.executable, "-m", "gopo_online.cli", "serve", "--start", "judge"], capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2 and "--start takes policy or simulator" in proc.stderr, proc.stderr
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux only")
 def test_children_are_armed_to_die_with_the_parent():
     # The child reads its own parent-death signal back (PR_GET_PDEATHSIG = 2).

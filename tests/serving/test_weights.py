@@ -454,3 +454,15 @@ def test_config_rejects_a_transport_the_loop_cannot_run(kind) -> None:
         load_config(overrides=[f"serving.weight_transport='{kind}'", "serving.simulator='separate'"])
     if kind == "full":
         assert "cannot run in the training loop" in str(e.value)
+
+
+def test_wait_serving_returns_once_the_server_answers_and_names_a_server_that_never_does(tmp_path, fake) -> None:
+    """The cluster layout: a learner started on its own may be set up before the policy server it pushes to."""
+    from gopo_online.procutil import free_port
+
+    sync = _sync(tmp_path, [fake.url])
+    sync.wait_serving(5.0)  # answers at once: one GET /v1/models, no push
+    assert [c["path"] for c in fake.calls] == ["/v1/models"]
+    down = f"http://127.0.0.1:{free_port('127.0.0.1')}"  # nothing listens there: connection refused
+    with pytest.raises(WeightPushError, match=rf"policy server {down} not serving after 0s"):
+        _sync(tmp_path, [down]).wait_serving(0.0, poll_s=0.01)
