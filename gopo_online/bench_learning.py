@@ -61,7 +61,12 @@ def _trained(run_dir: Path) -> dict[str, Any]:
     """What an arm's training got done, from its run folder (controller.json, learner_metrics.jsonl)."""
     state_path, metrics_path = run_dir / "controller.json", run_dir / "learner_metrics.jsonl"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    steps = len(metrics_path.read_text().splitlines()) if metrics_path.is_file() else 0
+    steps = 0  # the file is the learner's event log: count its step events, not its lines (pushes are events too)
+    for line in metrics_path.read_text().splitlines() if metrics_path.is_file() else ():
+        try:
+            steps += json.loads(line).get("kind") == "learner"
+        except (ValueError, AttributeError):
+            continue  # a line being written
     return {
         "episodes": state.get("finished", 0),
         "episode_errors": state.get("errors", 0),

@@ -325,8 +325,9 @@ class LearnerConfig(Section):
     """LoRA rank (finetune = "lora")."""
     zero_stage: int = Field(default=0, ge=0, le=3)
     """DeepSpeed ZeRO stage."""
-    lr: float = Field(default=1e-5, ge=0)
-    """Learning rate of both policies (0: the policies never move, the lr-0 control of `bench --only learning`)."""
+    lr: float = Field(default=5e-4, ge=0)
+    """Learning rate of both policies' LoRA adapters. 5e-4: the rate `bench --only learning` measured on the CPU
+    default (README, "Does training help?"). 0: the policies never move (the bench's lr-0 control)."""
     batch_episodes: int = Field(default=4, ge=1)
     """Trajectories per learner step."""
     micro_batch_turns: int = Field(default=8, ge=1)

@@ -49,7 +49,9 @@ def test_driver_trains_both_arms_with_the_same_seed_then_evals_lr_against_lr0(tm
             (run_dir / "controller.json").write_text(
                 json.dumps({"finished": 9, "errors": 1, "runs": [{"reason": "max_minutes=0.5 reached"}]})
             )
-            (run_dir / "learner_metrics.jsonl").write_text("{}\n{}\n")
+            # the learner's event log: two steps and a push (the push is no step)
+            events = [{"kind": "push", "step": 0}, {"kind": "learner", "step": 1}, {"kind": "learner", "step": 2}]
+            (run_dir / "learner_metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events) + '{"kin')
             return 0
         assert target == "simulator.evaluate:main"
         return {
