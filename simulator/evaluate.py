@@ -42,7 +42,7 @@ from simulator.episode import play_episode
 from simulator.personas import Persona, load_personas, sample_personas
 from simulator.scenarios import ScenarioInstance, sample_instance
 from simulator.serving_adapters import ServedCS, ServedExpert, judge_or_none
-from simulator.user import UserSimulator
+from simulator.user import make_user_simulator
 
 AGENTS = ("expert", "cs")
 METRICS = ("esndcg", "joint", "r_a", "tse", "satisfaction", "finish_rate", "cost_rate", "compliance")
@@ -467,7 +467,7 @@ def main(
             sim_model, structured, sim_vllm = cfg.serving.external_model, "json", False
         else:  # "same" and "separate" both mean the base model; eval serves it once, on this server
             sim_client, sim_model, structured, sim_vllm = policy_client, cfg.model.served_name, "regex", True
-        user_sim = UserSimulator.from_config(cfg.simulator, sim_client, sim_model, structured=structured)
+        user_sim = make_user_simulator(cfg, sim_client, sim_model, structured=structured)  # simulator.mode decides
         if max_turns:
             user_sim.max_turns = max_turns
         judge = judge_or_none(cfg, sim_client, sim_model, vllm=sim_vllm)

@@ -97,6 +97,9 @@ def test_eval_against_base_is_paired_and_reported(trained_run, tmp_path):
         for u in tb.turns:
             assert (u.expert_gen.model, u.cs_gen.model) == (cfg.model.served_name, cfg.model.served_name)
             assert u.expert_gen.policy_version == 0
+        # the configured simulated user (simulator.mode auto -> agenda here), as in training: eval played the LLM
+        # role-play whatever the mode said, so its users were not the ones the policy was trained against
+        assert all(u.user_meta.state is not None for t in (ta, tb) for u in t.turns), "not the agenda user model"
     assert any(t.status == "ok" for t in trajs.values()), [t.error for t in trajs.values()]
     # a metric that every complete pair has counts exactly those pairs
     assert on_disk["overall"]["finish_rate"]["n"] == both_ok
