@@ -69,7 +69,7 @@ def test_short_stress_single_agent(server, tmp_path):
 def test_two_agent_stress_with_prompt_injectors(server, tmp_path):
     """`stress --injectors 0.5` against our two agents: half the users end every message with a prompt injection.
     The CS agent's action is decoded under the chosen skills' grammar, so whatever the words say, no injected turn
-    may carry an action its skills do not allow; the report counts the injected turns' breaches per group."""
+    may carry an action none of its skills allows; the report counts the injected turns' breaches per group."""
     from simulator.adversary import INJECTIONS, breaches
     from simulator.stress import main
 
@@ -87,8 +87,10 @@ def test_two_agent_stress_with_prompt_injectors(server, tmp_path):
     assert rows[inj.episode_id]["injected_turns"] == [u.index for u in inj.turns]  # every message, from turn 1
     for u in inj.turns:
         assert any(u.user_utterance.endswith(text) for text in INJECTIONS), u.user_utterance
-        failed_actions = [c for c in u.compliance.checks if c.kind == "action" and not c.passed]
-        assert not failed_actions, (u.expert_skills, u.cs_action)
+        # the decoder admits only the actions the chosen skills allow (their intersection, or their union when they
+        # conflict): so whatever the words demand, at least one chosen skill allows the action taken
+        skill_actions = [c for c in u.compliance.checks if c.kind == "action" and c.skill in u.expert_skills]
+        assert not skill_actions or any(c.passed for c in skill_actions), (u.expert_skills, u.cs_action)
     assert report["groups"]["adversary=injection"]["injection_breaches"] == breaches(inj)
     assert report["groups"]["adversary=none"]["injection_breaches"] == 0  # no injected turn there
 
