@@ -26,6 +26,7 @@ from typing import Any
 
 from gopo_online.bench import Row, _row
 from gopo_online.config import GopoConfig, load_config
+from gopo_online.metrics_log import read_metrics
 
 DEFAULT_MINUTES = 30.0
 
@@ -61,12 +62,9 @@ def _trained(run_dir: Path) -> dict[str, Any]:
     """What an arm's training got done, from its run folder (controller.json, learner_metrics.jsonl)."""
     state_path, metrics_path = run_dir / "controller.json", run_dir / "learner_metrics.jsonl"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    steps = 0  # the file is the learner's event log: count its step events, not its lines (pushes are events too)
-    for line in metrics_path.read_text().splitlines() if metrics_path.is_file() else ():
-        try:
-            steps += json.loads(line).get("kind") == "learner"
-        except (ValueError, AttributeError):
-            continue  # a line being written
+    # the file is the learner's event log: count its step events, not its lines (pushes are events too)
+    events = read_metrics(metrics_path)[0] if metrics_path.is_file() else []
+    steps = sum(e["kind"] == "learner" for e in events)
     return {
         "episodes": state.get("finished", 0),
         "episode_errors": state.get("errors", 0),
