@@ -1,10 +1,17 @@
-"""The whole loop, for real: `gopo-online train` on the one-machine default with a tiny budget.
+"""The whole loop, for real: `gopo-online train` on the one-machine default with a tiny budget, then a resumed run
+that takes faults.
 
-Starts (through the CLI, as a user would) an embedded Redis, a vLLM policy server with the default model, a
-Celery rollout worker and the DeepSpeed learner; episodes are played against the live server, the learner
-takes 2 steps and pushes LoRA adapters to the live server after each. A second run on the same run dir resumes:
-the new server is refit to the pushed version before dispatch, later trajectories carry that version, and the
-learner continues from its checkpoint and trains on them.
+Run 1 starts (through the CLI, as a user would) an embedded Redis, a vLLM policy server with the default model, a
+Celery rollout worker and the DeepSpeed learner; episodes are played against the live server, the learner takes 2
+steps and pushes LoRA adapters to the live server after each.
+
+Run 2 resumes on the same run dir: the new server is refit to the pushed version before dispatch, later trajectories
+carry that version, and the learner continues from its checkpoint. It also takes faults in turn
+(workers/faults.py): kill -9 of the worker mid-episode, then kill -9 of the embedded Redis. It must go on and end by
+its budget (rc 0), every restart an event, the killed worker's episodes redelivered at once and finished (or handed
+back at the stop), nothing lost, nothing finished or trained twice, pushed versions monotonic. (One resumed run
+carries both: a separate fault run cost the suite ~7 minutes of start-up and episodes.) The full fault set (plus
+learner and vLLM server kills, a 30 s broker pause) is `gopo-online bench --only faults`.
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+from workers.faults import run_faults, table
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 
 BUDGET = [
     "run.max_steps=2",
@@ -39,9 +48,8 @@ BUDGET = [
 ]
 
 
-def _train(run_dir: Path, extra: list[str] = ()) -> subprocess.CompletedProcess[str]:
-    sets = [*BUDGET, f"run.output_dir={json.dumps(str(run_dir.parent))}", f"run.name={json.dumps(run_dir.name)}",
-            *extra]  # fmt: skip
+def _train(run_dir: Path) -> subprocess.CompletedProcess[str]:
+    sets = [*BUDGET, f"run.output_dir={json.dumps(str(run_dir.parent))}", f"run.name={json.dumps(run_dir.name)}"]
     args = [sys.executable, "-m", "gopo_online.cli", "train"] + [a for s in sets for a in ("--set", s)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(args, capture_output=True, text=True, timeout=900, env=env, stdin=subprocess.DEVNULL)
@@ -51,7 +59,7 @@ def _events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def test_train_end_to_end_then_resume(tmp_path: Path) -> None:
+def test_train_end_to_end_then_resume_under_faults(tmp_path: Path) -> None:
     run_dir = tmp_path / "loop"
     proc = _train(run_dir)
     logs = (
@@ -89,19 +97,41 @@ def test_train_end_to_end_then_resume(tmp_path: Path) -> None:
     first_next = state["next_episode"]
     assert state["finished"] >= 4
 
-    # Resume: same run dir, one more learner step; numbering, checkpoint and served version continue.
-    proc = _train(run_dir, ["run.max_steps=3"])
-    assert proc.returncode == 0, f"resume failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    # Resume: same run dir, two more learner steps, a worker and then the broker killed on the way; numbering,
+    # checkpoint and served version continue.
+    result = run_faults(run_dir, ["worker", "broker"], [*BUDGET, "run.max_steps=4", "workers.restart_backoff_s=0.5"],
+                        step_timeout_s=240, finish_timeout_s=360)  # fmt: skip
+    print(table(result))
+    out = result["output"]
+    assert result["rc"] == 0, f"resumed train failed:\n{out[-4000:]}"
     # Stale until refit: the fresh server was brought to the version the learner last pushed before dispatching.
-    assert f"policy server serves version {int(last_push)}" in proc.stdout, proc.stdout[-2000:]
+    assert f"policy server serves version {int(last_push)}" in out, out[-2000:]
     state = json.loads((run_dir / "controller.json").read_text())
     assert state["next_episode"] > first_next and len(state["runs"]) == 2
     new_events = _events(run_dir)[len(events) :]
     new_steps = [e for e in new_events if e["kind"] == "learner"]
-    assert [e["step"] for e in new_steps] == [3], "the learner did not resume from its checkpoint"
+    assert [e["step"] for e in new_steps] == [3, 4], "the learner did not resume from its checkpoint"
     # Later trajectories carry the pushed version, and the learner trained on them.
     new_ok = [e for e in new_events if e["kind"] == "episode" and e["payload"]["status"] == "ok"]
     assert not [e for e in new_events if e["kind"] == "episode" and "simulator" in e["payload"].get("error", "")]
     assert new_ok and min(e["metrics"]["episode/policy_version"] for e in new_ok) >= last_push
     assert new_steps[0]["metrics"]["learner/trained_version"] == last_push
-    assert max(e["metrics"]["sys/policy_version"] for e in new_events if e["kind"] == "push") == last_push + 1
+    assert max(e["metrics"]["sys/policy_version"] for e in new_events if e["kind"] == "push") == last_push + 2
+
+    # The faults: each part restarted and the run went on.
+    rows = {r["fault"]: r for r in result["rows"]}
+    assert [r.get("outcome") for r in result["rows"]] == ["recovered", "recovered"], table(result)
+    t = result["totals"]
+    # the killed worker held an episode; it came back at once (not after the 900 s visibility timeout) ...
+    assert rows["worker"]["held"] and set(rows["worker"]["held"]) <= set(rows["worker"]["redelivered"])
+    assert rows["worker"]["recovered_s"] < 240
+    # ... and was played to the end, or handed back to the queue at the stop: never lost, never twice
+    assert t["lost"] == 0 and t["lost_held"] == [], t
+    assert t["duplicated"] == 0 and t["trained_twice"] == [], t
+    assert t["restarts"] >= 2 and t["versions_monotonic"], t
+    assert "restart: worker-" in out and "restart: broker" in out
+    # the learner trained after the broker came back (its queue, replayed from the AOF, still fed it)
+    assert any(e["time"] > rows["broker"]["t_kill"] for e in new_steps), (rows["broker"], new_steps)
+    assert "restarts" in (run_dir / "dashboard.txt").read_text()
+    # the stop hands in-flight episodes back instead of playing them out (a sanity bound on a shared 2-core box)
+    assert t["stop_s"] is not None and t["stop_s"] < 90, t

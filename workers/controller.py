@@ -476,6 +476,11 @@ def train(
                             pending_redelivery.remove(job)
                     for eid in _done_without_event(url, cfg, inflight, done_seen):
                         on_episode(eid, "ok")  # its event was lost (e.g. sent while the broker restarted)
+                        # said in metrics.jsonl too: without an episode line, the run's log must still show that
+                        # this episode was not lost (workers/faults.py counts it from this record)
+                        sink.record("error", {}, {"source": "controller", "episode_id": eid, "event_lost": True,
+                                                  "error": f"episode {eid}: published, its event was lost; "
+                                                           "counted finished from its done mark"})  # fmt: skip
                     queued_trajectories = _system_event(
                         sink, url, cfg, inflight, state, queued_trajectories, server_rate
                     )

@@ -16,12 +16,12 @@ it, and waits for the run to recover:
 - "broker-pause": SIGSTOP the embedded Redis for 30 s (unreachable, not dead: nothing to restart), then SIGCONT.
 
 Recovery = the supervisor's "restart" event for the part, then one more finished episode (for the learner: one
-more learner step). At the end it reads
-metrics.jsonl, controller.json and learner_metrics.jsonl: episodes dispatched, trained (what the learner
-consumed), lost (deadline passed, or a held episode neither finished nor handed back), duplicated (an episode
-id finished twice). `bench_faults` (`gopo-online bench --only faults`) runs all of them in one run (`BENCH`:
-a budget long enough for six faults; the run is stopped with Ctrl-C once the last one recovered and the learner
-took one more step) and prints the table.
+more learner step). At the end it reads metrics.jsonl, controller.json and the learner's trajectory store:
+episodes dispatched, trained (what the learner consumed), lost (deadline passed, or a held episode neither
+finished, nor seen by the learner, nor counted from its done mark after its event was lost, nor handed back),
+duplicated (an episode id finished twice). `bench_faults` (`gopo-online bench --only faults`) runs all of them in
+one run (`BENCH`: a budget long enough for six faults; the run is stopped with Ctrl-C once the last one recovered
+and the learner took one more step) and prints the table.
 """
 
 from __future__ import annotations
@@ -355,12 +355,22 @@ def totals(run_dir: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
     state = json.loads((run_dir / "controller.json").read_text())
     finished = Counter(e["payload"]["episode_id"] for e in events if e["kind"] == "episode" and e.get("payload"))
     handed_back = {p["episode_id"] for p in state.get("handed_back", [])}
-    held = {eid for r in rows for eid in r.get("held", [])}
-    lost_held = sorted(e for e in held if e not in finished and e not in handed_back)
+    # published, but the episode event was lost (the worker was killed between publish and event, or the event
+    # was sent while the broker restarted): the controller counted it from its done mark and said so in the log
+    event_lost = {
+        e["payload"]["episode_id"]
+        for e in events
+        if e["kind"] == "error" and (e.get("payload") or {}).get("event_lost") and "episode_id" in e["payload"]
+    }
     # what the learner trained, from the trajectory store it writes after each step (one record per trajectory)
     from gopo_online.trajectory_store import read_records
 
-    trained_ids = Counter(r["episode_id"] for r in read_records(run_dir, dedupe=False) if r.get("outcome") == "trained")
+    records = list(read_records(run_dir, dedupe=False))
+    seen_by_learner = {r["episode_id"] for r in records}
+    held = {eid for r in rows for eid in r.get("held", [])}
+    reached = set(finished) | handed_back | event_lost | seen_by_learner
+    lost_held = sorted(e for e in held if e not in reached)
+    trained_ids = Counter(r["episode_id"] for r in records if r.get("outcome") == "trained")
     trained = len(trained_ids)
     pushes = [e["metrics"].get("sys/policy_version", 0) for e in events if e["kind"] == "push"]
     return {
@@ -374,7 +384,8 @@ def totals(run_dir: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "handed_back": len(handed_back),
         "restarts": sum(e["kind"] == "restart" for e in events),
         "versions_monotonic": pushes == sorted(pushes),
-        "held_redelivered_and_finished": sorted(e for e in held if e in finished),
+        "held_redelivered_and_finished": sorted(e for e in held if e in finished or e in event_lost),
+        "event_lost": sorted(event_lost),
     }
 
 

@@ -48,3 +48,18 @@ def test_totals_count_lost_duplicated_trained(tmp_path: Path) -> None:
     assert t["held_redelivered_and_finished"] == ["ep-1"] and t["handed_back"] == 1
     text = table({"rows": rows, "totals": {**t, "stop_s": 4.2}, "rc": 0})
     assert "worker" in text and "12.0s" in text and "lost 2, duplicated 1" in text and "stop took 4.2s" in text
+
+
+def test_a_held_episode_whose_event_was_lost_is_not_lost(tmp_path: Path) -> None:
+    """Seen on a fresh clone (resumed run under faults): the killed worker had published ep-7 but its episode event
+    never reached metrics.jsonl; the controller counted it from its done mark. That is not a lost episode, and nor
+    is ep-8, which only the learner's store shows (it consumed the trajectory)."""
+    run_dir = tmp_path / "r"
+    note = {"source": "controller", "episode_id": "ep-7", "event_lost": True, "error": "episode ep-7: published"}
+    events = [_ep("ep-1", 1.0), {"kind": "error", "time": 2.0, "step": 0, "metrics": {}, "payload": note}]
+    _write(run_dir, events, {"dispatched": 4, "finished": 3, "lost": 0}, [("ep-1", "trained"), ("ep-8", "trained")])
+    rows = [{"fault": "worker", "held": ["ep-7", "ep-8", "ep-9"], "outcome": "recovered"}]
+    t = totals(run_dir, rows)
+    assert t["lost_held"] == ["ep-9"] and t["lost"] == 1, t
+    assert t["event_lost"] == ["ep-7"] and t["held_redelivered_and_finished"] == ["ep-7"]
+    assert t["duplicated"] == 0
