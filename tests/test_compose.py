@@ -53,6 +53,9 @@ def test_services_and_their_commands_match_the_cli_and_config() -> None:
     policy = services["vllm-policy"]
     assert any(v.startswith("runs:/runs") for v in policy["volumes"])
     assert cfg.serving.weight_transport == "lora"  # `serve` enables LoRA hot-load for this transport
+    # A service that dies is restarted by compose (as `train` restarts its children on one machine).
+    for name, svc in services.items():
+        assert svc.get("restart") in ("on-failure", "unless-stopped", "always"), name
     # Only loopback-published ports.
     for svc in services.values():
         for port in svc.get("ports", []):
