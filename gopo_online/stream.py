@@ -32,11 +32,13 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from kombu import Connection, Exchange, Producer, Queue
 from kombu.exceptions import OperationalError
+from kombu.mixins import ConsumerProducerMixin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gopo_online.config import BrokerConfig
@@ -654,6 +656,72 @@ class EventPublisher(_FanoutPublisher):
         return out
 
 
+class _ListenerMixin(ConsumerProducerMixin):
+    """One `_FanoutListener`'s kombu consumer: a private queue on the fanout exchange, records handed to the
+    listener, foreign or undecodable messages dead-lettered through the mixin's producer connection."""
+
+    connect_max_retries = RETRY_POLICY["max_retries"]  # then run() raises and the listener's loop backs off
+
+    def __init__(self, listener: _FanoutListener) -> None:
+        self.listener = listener
+        self.connection = connect(listener.url, listener.cfg)
+
+    @property
+    def should_stop(self) -> bool:  # type: ignore[override]
+        return self.listener._stop.is_set()
+
+    @should_stop.setter
+    def should_stop(self, value: bool) -> None:
+        if value:
+            self.listener._stop.set()
+
+    @contextmanager
+    def establish_connection(self) -> Iterator[Connection]:
+        """The mixin's, with the project's short retry intervals and connect timeout (kombu's default waits up to
+        30 s between tries, during which a stop is not seen)."""
+        with self.create_connection() as conn:
+            conn.ensure_connection(self.on_connection_error, self.connect_max_retries,
+                                   interval_start=RETRY_POLICY["interval_start"],
+                                   interval_step=RETRY_POLICY["interval_step"],
+                                   interval_max=RETRY_POLICY["interval_max"],
+                                   timeout=self.listener.cfg.connect_timeout_s)  # fmt: skip
+            yield conn
+
+    def get_consumers(self, Consumer: Any, channel: Any) -> list[Any]:  # noqa: N803 - kombu's signature
+        lst = self.listener
+        lst.topology.declare(channel)
+        queue = lst.topology.fanout_queue(lst.exchange, lst.role, lst.routing_key)
+        consumer = Consumer([queue], callbacks=[self.on_message], no_ack=True, accept=["json"])
+        # kombu reports a foreign content type through on_decode_error: route it to the DLQ too.
+        consumer.on_decode_error = self.on_decode_error
+        return [consumer]
+
+    def on_message(self, body: Any, message: Any) -> None:
+        self.listener._on_message(message, self.producer)
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        self.listener._dead_letter(self.producer, message, f"undecodable {self.listener.exchange.name} record: {exc}")
+
+    def on_consume_ready(self, connection: Any, channel: Any, consumers: Any, **kwargs: Any) -> None:
+        self.listener._ready.set()  # subscribed: a record sent from now on is received
+
+    def on_connection_error(self, exc: Exception, interval: float) -> None:
+        lst = self.listener
+        lst.last_error = repr(exc)
+        lst.counts["reconnects"] += 1
+        log.warning("%s listener (%s) lost the broker: %r; retrying in %.1fs", lst.exchange.name, lst.role, exc,
+                    interval)  # fmt: skip
+
+    def close(self) -> None:
+        for conn in (self._producer_connection, self.connection):
+            try:
+                if conn is not None:
+                    conn.release()
+            except Exception:  # noqa: BLE001 - best effort on a connection that may be dead
+                pass
+        self._producer_connection = None
+
+
 class _FanoutListener:
     """Receives one fanout exchange's JSON records in a background thread; subclasses keep what they need.
 
@@ -690,46 +758,24 @@ class _FanoutListener:
         return self
 
     def _run(self) -> None:
+        """kombu's ConsumerProducerMixin does the consuming: connect with retries, (re)subscribe, drain events,
+        reconnect on a connection or channel error, stop on `should_stop`. Around it only what kombu does not
+        cover: any other exception is reported and the mixin started again after a capped backoff."""
         backoff = 0.2
         while not self._stop.is_set():
-            conn = connect(self.url, self.cfg)
+            mixin = _ListenerMixin(self)
             try:
-                _ensure_connected(conn, self.cfg)
-                channel = conn.channel()
-                self.topology.declare(channel)
-                producer = Producer(conn.channel(), auto_declare=False)
-                queue = self.topology.fanout_queue(self.exchange, self.role, self.routing_key)
-
-                def on_message(body: Any, message: Any, producer: Producer = producer) -> None:
-                    self._on_message(message, producer)
-
-                # kombu reports a foreign content type through on_decode_error: route it to the DLQ too.
-                with conn.Consumer([queue], callbacks=[on_message], no_ack=True, accept=["json"]) as consumer:
-
-                    def on_decode_error(message: Any, exc: Exception, producer: Producer = producer) -> None:
-                        self._dead_letter(producer, message, f"undecodable {self.exchange.name} record: {exc}")
-
-                    consumer.on_decode_error = on_decode_error
-                    self._ready.set()
-                    backoff = 0.2
-                    while not self._stop.is_set():
-                        try:
-                            conn.drain_events(timeout=0.5)
-                        except TimeoutError:
-                            continue
-            except Exception as e:  # noqa: BLE001 - any broker failure: report, back off, reconnect
+                mixin.run()
+            except Exception as e:  # noqa: BLE001 - outside kombu's connection errors: report, back off, again
                 if self._stop.is_set():
                     break
                 self.last_error = repr(e)
                 self.counts["reconnects"] += 1
-                log.warning("%s listener (%s) lost the broker: %r; reconnecting", self.exchange.name, self.role, e)
+                log.warning("%s listener (%s) failed: %r; reconnecting", self.exchange.name, self.role, e)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:
-                try:
-                    conn.release()
-                except Exception:  # noqa: BLE001 - best effort on a connection that may be dead
-                    pass
+                mixin.close()
 
     def _dead_letter(self, producer: Producer, message: Any, reason: str) -> None:
         self.counts["dead_lettered"] += 1
