@@ -51,11 +51,20 @@ setup_venv() {
     log "set-up done"
 }
 
+editable_points_at() {
+    # Does the venv's editable install import this checkout's packages? Asked from / : run from inside a checkout,
+    # `python -c` puts the current directory first on sys.path and would always answer yes, while the console
+    # script (no such entry) imports whichever checkout was installed last.
+    (cd / && "$VENV/bin/python" -c "import os, sys, gopo_online, simulator, trainer, workers
+sys.exit(0 if all(os.path.dirname(os.path.dirname(m.__file__)) == sys.argv[1]
+                  for m in (gopo_online, simulator, trainer, workers)) else 1)" "$1") 2>/dev/null
+}
+
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$STAMP_INPUT" ]; then
     setup_venv
 else
     # The venv is shared between checkouts: point the editable install at this one (seconds).
-    if ! "$VENV/bin/python" -c "import gopo_online, os, sys; sys.exit(0 if os.path.dirname(os.path.dirname(gopo_online.__file__)) == sys.argv[1] else 1)" "$ROOT" 2>/dev/null; then
+    if ! editable_points_at "$ROOT"; then
         "$VENV/bin/python" -m pip install --progress-bar off -q --no-deps --no-build-isolation -e "$ROOT"
     fi
 fi
