@@ -478,9 +478,8 @@ def train(
                         on_episode(eid, "ok")  # its event was lost (e.g. sent while the broker restarted)
                         # said in metrics.jsonl too: without an episode line, the run's log must still show that
                         # this episode was not lost (workers/faults.py counts it from this record)
-                        sink.record("error", {}, {"source": "controller", "episode_id": eid, "event_lost": True,
-                                                  "error": f"episode {eid}: published, its event was lost; "
-                                                           "counted finished from its done mark"})  # fmt: skip
+                        sink.error(f"episode {eid}: published, its event was lost; counted finished from its "
+                                   "done mark", episode_id=eid, event_lost=True)  # fmt: skip
                     queued_trajectories = _system_event(
                         sink, url, cfg, inflight, state, queued_trajectories, server_rate
                     )

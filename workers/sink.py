@@ -70,8 +70,9 @@ class EventSink:
             step=self.restarts,
         )
 
-    def error(self, text: str, source: str = "controller") -> dict:
-        return self.record("error", {}, {"error": text[:4000], "source": source})
+    def error(self, text: str, source: str = "controller", **extra: Any) -> dict:
+        """One "error" event; `extra` keys go into its payload beside `error` and `source`."""
+        return self.record("error", {}, {**extra, "error": text[:4000], "source": source})
 
     def finish(self, run_dir: Path) -> None:
         (run_dir / "dashboard.txt").write_text(self.dashboard.snapshot_text())
