@@ -704,6 +704,7 @@ class _ListenerMixin(ConsumerProducerMixin):
 
     def on_consume_ready(self, connection: Any, channel: Any, consumers: Any, **kwargs: Any) -> None:
         self.listener._ready.set()  # subscribed: a record sent from now on is received
+        self.listener._backoff = 0.2  # the next failure starts from the short wait again
 
     def on_connection_error(self, exc: Exception, interval: float) -> None:
         lst = self.listener
@@ -744,6 +745,7 @@ class _FanoutListener:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
+        self._backoff = 0.2
         self._thread: threading.Thread | None = None
         self.counts: dict[str, int] = {"received": 0, "dead_lettered": 0, "reconnects": 0}
         self.last_error: str | None = None
@@ -761,7 +763,7 @@ class _FanoutListener:
         """kombu's ConsumerProducerMixin does the consuming: connect with retries, (re)subscribe, drain events,
         reconnect on a connection or channel error, stop on `should_stop`. Around it only what kombu does not
         cover: any other exception is reported and the mixin started again after a capped backoff."""
-        backoff = 0.2
+        self._backoff = 0.2
         while not self._stop.is_set():
             mixin = _ListenerMixin(self)
             try:
@@ -772,8 +774,8 @@ class _FanoutListener:
                 self.last_error = repr(e)
                 self.counts["reconnects"] += 1
                 log.warning("%s listener (%s) failed: %r; reconnecting", self.exchange.name, self.role, e)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+                self._stop.wait(self._backoff)
+                self._backoff = min(self._backoff * 2, 5.0)
             finally:
                 mixin.close()
 
