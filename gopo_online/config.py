@@ -331,7 +331,12 @@ class LearnerConfig(Section):
     batch_episodes: int = Field(default=4, ge=1)
     """Trajectories per learner step."""
     micro_batch_turns: int = Field(default=8, ge=1)
-    """Turns per forward pass."""
+    """Turns per forward pass (at most; `micro_batch_tokens` bounds it too)."""
+    micro_batch_tokens: int = Field(default=2048, ge=1)
+    """Padded tokens per forward pass (rows x longest row; one longer row goes alone): the learner's memory bound.
+    A float32 forward + backward of SmolLM2-135M keeps ~3.4 MB a token (8 rows of 700 tokens: 19 GB, killed on a
+    24 GiB box); 2048 tokens keep a micro-batch near 7 GB. The step's gradient is the same (micro-batches are
+    weighted by their share of rows)."""
     max_staleness: int = Field(default=2, ge=0)
     """Drop trajectories produced more than this many policy versions ago (counted)."""
     push_every: int = Field(default=1, ge=1)

@@ -277,15 +277,21 @@ def collate(
     micro_batch_turns: int,
     pad_id: int = 0,
     advantages: Mapping[str, Mapping[AdvKey, float]] | None = None,
+    micro_batch_tokens: int | None = None,
 ) -> CollateResult:
-    """Per-agent micro-batches of at most `micro_batch_turns` rows.
+    """Per-agent micro-batches of at most `micro_batch_turns` rows and, with `micro_batch_tokens`, at most that
+    many padded tokens (rows x longest row; a single longer row is a micro-batch of its own).
 
-    Rows are sorted by length before batching so each micro-batch pads little. `advantages` maps an agent
-    to {(traj index in `trajs`, turn index): Â}; without it advantages are zeros to be set later
-    (`MicroBatch.set_advantages`, e.g. after a critic pass). Error trajectories are skipped and counted.
+    The token bound is the learner's memory bound: a forward + backward keeps every layer's activations of every
+    padded token (float32 SmolLM2-135M: ~3.4 MB a token, so 8 rows of 700 tokens took 19 GB and the kernel killed
+    the learner on a 24 GiB box). Rows are sorted by length before batching so each micro-batch pads little.
+    `advantages` maps an agent to {(traj index in `trajs`, turn index): Â}; without it advantages are zeros to be
+    set later (`MicroBatch.set_advantages`, e.g. after a critic pass). Error trajectories are skipped and counted.
     """
     if micro_batch_turns < 1:
         raise ValueError(f"micro_batch_turns must be >= 1, got {micro_batch_turns}")
+    if micro_batch_tokens is not None and micro_batch_tokens < 1:
+        raise ValueError(f"micro_batch_tokens must be >= 1, got {micro_batch_tokens}")
     batches: dict[str, list[MicroBatch]] = {}
     skipped: dict[str, int] = {}
     for agent in AGENTS:
@@ -293,6 +299,21 @@ def collate(
         rows.sort(key=lambda r: (len(r.prompt_ids) + len(r.completion_ids), r.key))
         adv = None if advantages is None else advantages[agent]
         batches[agent] = [
-            _pad(rows[i : i + micro_batch_turns], agent, pad_id, adv) for i in range(0, len(rows), micro_batch_turns)
+            _pad(chunk, agent, pad_id, adv) for chunk in _chunks(rows, micro_batch_turns, micro_batch_tokens)
         ]
     return CollateResult(batches, skipped, sum(t.status != "ok" for t in trajs))
+
+
+def _chunks(rows: Sequence[TurnSample], max_rows: int, max_tokens: int | None) -> list[Sequence[TurnSample]]:
+    """Consecutive runs of `rows` (sorted by length) of at most `max_rows` rows and `max_tokens` padded tokens."""
+    out: list[Sequence[TurnSample]] = []
+    start = 0
+    for i in range(len(rows)):
+        n = i - start + 1
+        padded = n * (len(rows[i].prompt_ids) + len(rows[i].completion_ids))  # sorted: row i is the longest
+        if n > 1 and (n > max_rows or (max_tokens is not None and padded > max_tokens)):
+            out.append(rows[start:i])
+            start = i
+    if start < len(rows):
+        out.append(rows[start:])
+    return out

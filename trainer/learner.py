@@ -445,7 +445,7 @@ class Learner:
 
     def _collate(self, ok: list[Trajectory], st: StepStats) -> CollateResult:
         """Rows per agent, with the grammar's admitted-token sets of every constrained completion."""
-        col = collate(ok, self.lc.micro_batch_turns, self.pad_id)
+        col = collate(ok, self.lc.micro_batch_turns, self.pad_id, micro_batch_tokens=self.lc.micro_batch_tokens)
         for a in AGENTS:
             s = st.agents[a]
             s.rows, s.skipped_turns = col.n_rows[a], col.skipped_turns[a]

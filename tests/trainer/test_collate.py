@@ -121,3 +121,25 @@ def test_turn_without_rewards_is_skipped(fake_tok):
     res = collate([tr], micro_batch_turns=8)
     assert res.n_rows == {"expert": 1, "cs": 1}
     assert res.skipped_turns == {"expert": 1, "cs": 1}
+
+
+def test_micro_batches_respect_a_padded_token_budget(fake_tok):
+    """Defect: micro-batches were bounded by rows only; 8 rows of ~700 tokens (float32, forward + backward) took
+    19 GB and the kernel killed the learner on a 24 GiB AVX2 box. With a token budget each micro-batch holds at
+    most that many padded tokens (a longer single row alone), every row exactly once, and the full-row weights
+    (size / rows) still sum to 1."""
+    trajs = [make_trajectory(fake_tok, i, 3) for i in range(4)]
+    wide = collate(trajs, micro_batch_turns=8)
+    lengths = sorted(mb.input_ids.shape[1] for mb in wide.batches["cs"])
+    budget = 2 * max(lengths) + 1  # at most two of the longest rows fit
+    res = collate(trajs, micro_batch_turns=8, micro_batch_tokens=budget)
+    for agent in ("expert", "cs"):
+        mbs = res.batches[agent]
+        assert len(mbs) > len(wide.batches[agent])
+        assert all(mb.size * mb.input_ids.shape[1] <= budget or mb.size == 1 for mb in mbs)
+        keys = [k for mb in mbs for k in mb.keys]
+        assert sorted(keys) == sorted(k for mb in wide.batches[agent] for k in mb.keys) and len(set(keys)) == len(keys)
+    tiny = collate(trajs, micro_batch_turns=8, micro_batch_tokens=1)  # every row longer than the budget: alone
+    assert all(mb.size == 1 for mb in tiny.batches["cs"]) and len(tiny.batches["cs"]) == res.n_rows["cs"]
+    with pytest.raises(ValueError, match="micro_batch_tokens"):
+        collate(trajs, micro_batch_turns=8, micro_batch_tokens=0)
