@@ -115,7 +115,7 @@ def test_train_end_to_end_then_resume_under_faults(tmp_path: Path) -> None:
     new_ok = [e for e in new_events if e["kind"] == "episode" and e["payload"]["status"] == "ok"]
     assert not [e for e in new_events if e["kind"] == "episode" and "simulator" in e["payload"].get("error", "")]
     assert new_ok and min(e["metrics"]["episode/policy_version"] for e in new_ok) >= last_push
-    # max_staleness = 0: step 2 could only use trajectories sampled after push 1, i.e. tagged with the new version
+    # max_staleness = 0: each resumed step could only use trajectories tagged with the version pushed just before it
     assert [e["metrics"]["learner/trained_version"] for e in new_steps] == [last_push, last_push + 1]
     assert max(e["metrics"]["sys/policy_version"] for e in new_events if e["kind"] == "push") == last_push + 2
 

@@ -126,8 +126,8 @@ def test_turn_without_rewards_is_skipped(fake_tok):
 def test_micro_batches_respect_a_padded_token_budget(fake_tok):
     """Defect: micro-batches were bounded by rows only; 8 rows of ~700 tokens (float32, forward + backward) took
     19 GB and the kernel killed the learner on a 24 GiB AVX2 box. With a token budget each micro-batch holds at
-    most that many padded tokens (a longer single row alone), every row exactly once, and the full-row weights
-    (size / rows) still sum to 1."""
+    most that many padded tokens (a longer single row alone) and every row is in exactly one micro-batch (so the
+    learner's size / rows weights still sum to 1)."""
     trajs = [make_trajectory(fake_tok, i, 3) for i in range(4)]
     wide = collate(trajs, micro_batch_turns=8)
     lengths = sorted(mb.input_ids.shape[1] for mb in wide.batches["cs"])
