@@ -352,12 +352,17 @@ def preimport(modules: tuple[str, ...] = EPISODE_MODULES) -> None:
 
 
 def run_worker(cfg: GopoConfig, ctx: WorkerContext | None = None) -> None:
-    """Run a Celery worker (threads pool, `workers.concurrency` threads) on the episode queue until stopped."""
+    """Run a Celery worker (threads pool, `workers.concurrency` threads) on the episode queue until stopped.
+
+    SIGTERM stops warm (the episodes being played finish first); SIGQUIT stops cold: the episodes being played go
+    back to the queue unacked and the process exits at once (workers/pool.py)."""
+    from workers.pool import EpisodeThreadPool, cold_stopped, exit_after_cold_stop
+
     preimport()
     url = resolve_broker_url(cfg)
     app = make_app(cfg, url, ctx)
     worker = app.Worker(
-        pool="threads",
+        pool=EpisodeThreadPool,
         concurrency=cfg.workers.concurrency,
         queues=[cfg.broker.task_queue],
         hostname=f"gopo-worker-{os.getpid()}@{socket.gethostname()}",
@@ -370,3 +375,5 @@ def run_worker(cfg: GopoConfig, ctx: WorkerContext | None = None) -> None:
     finally:
         app.gopo_ctx.close()  # type: ignore[attr-defined]
         app.gopo_done.close()  # type: ignore[attr-defined]
+        if cold_stopped():
+            exit_after_cold_stop(worker.exitcode or 0)

@@ -140,6 +140,43 @@ def test_killed_worker_episodes_redelivered_at_once_and_once(tmp_path: Path) -> 
         delete_topology(REDIS_URL, cfg)
 
 
+def test_cold_shutdown_while_playing_exits_and_gives_the_episodes_back(tmp_path: Path) -> None:
+    """SIGQUIT (Celery's cold shutdown, what `train` and an operator send) to a worker that is playing episodes: it
+    exits within seconds without waiting for them, and their unacked messages go back to the queue for the next
+    worker, with no restore by the controller. Celery's own threads pool raised NotImplementedError from
+    terminate_job here and the worker then waited for the episode's thread (a cluster test's teardown hung)."""
+    if not _reachable(REDIS_URL):
+        if os.environ.get("CI"):
+            pytest.fail(f"redis not reachable at {REDIS_URL}")
+        pytest.skip("redis not reachable")
+    cfg = _cfg(REDIS_URL)
+    d = _Dispatch(cfg)
+    a = _worker(tmp_path, "worker-a", cfg, hold_s=120.0)  # plays each episode far past the test
+    b = None
+    consumer = TrajectoryConsumer(REDIS_URL, cfg, auto_ack=True)
+    try:
+        assert d.inflight.fill(0, 0, budget_left=2) == ["ep-f-0000", "ep-f-0001"]
+        log_a = lambda: a.log_path.read_text(errors="replace")  # noqa: E731
+        _wait(lambda: log_a().count("playing ep-f-") == 2, 60, "worker-a to play both episodes")
+        os.kill(a.pid, signal.SIGQUIT)
+        t_quit = time.monotonic()
+        _wait(lambda: not a.alive(), 20, "worker-a to exit after SIGQUIT")
+        exit_s = time.monotonic() - t_quit
+        assert "NotImplementedError" not in log_a() and "cold stop: 2 episode thread(s)" in log_a(), log_a()[-3000:]
+        b = _worker(tmp_path, "worker-b", cfg, hold_s=0.2)
+        got = _collect(consumer, 2, 90)
+        assert sorted(got) == d.sent  # both given back and played by worker-b, each once
+        time.sleep(1.0)
+        assert consumer.get_batch(5, 1.0) == [] and consumer.counts["duplicates"] == 0
+        print(json.dumps({"fault": "cold stop", "exit_s": round(exit_s, 1), "given_back": len(got)}))
+    finally:
+        consumer.close()
+        for w in (a, b):
+            if w is not None:
+                w.stop()
+        delete_topology(REDIS_URL, cfg)
+
+
 def test_killed_broker_restarts_with_its_queue(tmp_path: Path) -> None:
     redis_srv = EmbeddedRedis(tmp_path / "broker").start()
     url = redis_srv.url
