@@ -111,3 +111,52 @@ def resolve_model_path(cfg: ModelConfig) -> Path:
     if not is_prepared(path):
         raise ModelError(f"the default model is not prepared at {path}: run `gopo-online model prepare`")
     return path
+
+
+TINY_MODEL_DIRNAME = "smollm2-arch-tiny-random"
+TINY_SHAPE = {"num_hidden_layers": 2, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "head_dim": 64}  # fmt: skip
+"""The default architecture (Llama, SmolLM2's tokenizer and chat template) cut to ~6.6 M parameters, 49 k of whose
+rows are the tied embedding: a real model that vLLM serves, DeepSpeed trains and LoRA adapts like the default one,
+~20x cheaper per token. Its weights are random, so its text is noise: for tests of the machinery (delivery, faults,
+resume, weight pushes), never for a learning claim."""
+
+
+def tiny_model_dir() -> Path:
+    return gopo_home() / "models" / TINY_MODEL_DIRNAME
+
+
+def prepare_tiny_model(seed: int = 0, force: bool = False, log=print) -> Path:
+    """Return the cached tiny random model of the default architecture, building it first if needed (idempotent;
+    needs the default model's config and tokenizer, so `prepare_default_model` runs first)."""
+    target = tiny_model_dir()
+    stamp = {"source": DEFAULT_MODEL_DIRNAME, "shape": TINY_SHAPE, "seed": seed}
+    if is_prepared(target) and not force and json.loads((target / _STAMP).read_text()).get("shape") == TINY_SHAPE:
+        return target
+    base = prepare_default_model(log=log)
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.time()
+    config = AutoConfig.from_pretrained(base)
+    for key, value in TINY_SHAPE.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    tok = AutoTokenizer.from_pretrained(base)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / _STAMP).write_text(json.dumps(stamp))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    n = sum(p.numel() for p in model.parameters())
+    log(f"[model] tiny random model ({n / 1e6:.1f} M parameters) ready in {time.time() - t0:.1f}s: {target}")
+    return target

@@ -168,7 +168,7 @@ def _delete_entities(names: list[str]) -> None:
 
 
 @pytest.mark.skipif(not _reachable(AMQP_URL), reason=f"RabbitMQ not reachable at {AMQP_URL}")
-def test_cluster_layout_as_processes_survives_a_worker_killed_mid_episode(tmp_path: Path) -> None:
+def test_cluster_layout_as_processes_survives_a_worker_killed_mid_episode(tmp_path: Path, tiny_model: str) -> None:
     t0 = time.time()
     ns = f"gopo-test-{uuid.uuid4().hex[:10]}"
     names = {k: f"{ns}.{k}" for k in ("episodes", "trajectories", "dead_letter", "weights", "events")}
@@ -186,6 +186,7 @@ def test_cluster_layout_as_processes_survives_a_worker_killed_mid_episode(tmp_pa
         f"broker.weights_exchange={json.dumps(names['weights'])}",
         f"broker.events_exchange={json.dumps(names['events'])}",
         f"serving.policy.url={json.dumps(url)}",
+        f"model.path={json.dumps(tiny_model)}",  # the machinery under test, not what a model writes
     ]
     logs = tmp_path / "logs"
     logs.mkdir()
