@@ -1,6 +1,8 @@
 """A tiny real `eval`: adapters written by the real learner's export into a run folder, one real vLLM server serving
-them next to the base model, the real simulator and judge (the base model), 2 held-out personas x 1 turn per arm.
-No mocks. ~2-3 min on 2 CPU cores (the learner's setup, one server start, 4 short episodes)."""
+them next to the base model, the real simulator and judge, 2 held-out personas x 1 turn per arm. No mocks. The
+model is the default architecture with 6.6 M random parameters (the `tiny_model` fixture): what is tested is the
+loading of a trained run, the pairing and the report, not what a model writes (with the 135M model: ~3 min of a
+2-core box)."""
 
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ pytestmark = pytest.mark.integration
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def _cfg(tmp_path, *extra):
+def _cfg(tmp_path, model, *extra):
     return load_config(
         overrides=[
+            f"model.path={json.dumps(model)}",
             f"run.output_dir='{tmp_path}'",
             "run.name='trained'",
             "run.resume=false",
@@ -31,19 +34,16 @@ def _cfg(tmp_path, *extra):
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
+def trained_run(tmp_path_factory, tiny_model):
     """A run folder whose version-1 adapters come from `Learner.export_weights`, with B moved off zero so the
     adapters are not the identity (a fresh LoRA adapter equals the base model)."""
     import torch
 
-    from gopo_online.models import default_model_dir, is_prepared
     from trainer.learner import Learner
 
-    if not is_prepared(default_model_dir()):
-        pytest.fail(f"default model not prepared at {default_model_dir()}: run `gopo-online model prepare`")
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("runs")
-    cfg = _cfg(tmp)
+    cfg = _cfg(tmp, tiny_model)
     learner = Learner(cfg)
     learner.setup()
     try:
