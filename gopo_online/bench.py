@@ -64,6 +64,7 @@ BENCHES: dict[str, str] = {
     "push": "gopo_online.bench_parts:bench_push",
     "learner": "trainer.bench:bench_learner",
     "judge": "simulator.judge_bench:bench_judge",
+    "traits": "simulator.traits:bench_traits",
     "learning": "gopo_online.bench_learning:bench_learning",
     "faults": "workers.faults:bench_faults",
     "scale": "workers.bench_scale:bench_scale",

@@ -18,13 +18,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def model_dir() -> Path:
-    from gopo_online.models import default_model_dir, is_prepared
-
-    d = default_model_dir()
-    if not is_prepared(d):
-        pytest.skip(f"default model not prepared at {d} (gopo-online model prepare)")
-    return d
+def model_dir(tiny_model) -> Path:
+    """The default architecture with 6.6 M random parameters: a push is the same mechanism at any size, and the
+    full reload of the 135M model made this module ~3 minutes of a 2-core box."""
+    return Path(tiny_model)
 
 
 def _server(model_dir: Path, tmp: Path, **kw):
