@@ -37,5 +37,21 @@ def test_prepared_model_answers_a_chat_prompt() -> None:
     assert tok.decode(ids["input_ids"][0]).rstrip().endswith("<|im_start|>assistant")
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=12, do_sample=False)
-    reply = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    reply = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "paris" in reply.lower(), reply
+
+
+def test_tiny_model_is_the_default_architecture_cut_down_and_built_once(tiny_model: str) -> None:
+    import json
+
+    from gopo_online.models import TINY_SHAPE, default_model_dir, prepare_tiny_model
+
+    tiny, base = Path(tiny_model), default_model_dir()
+    cfg, base_cfg = (json.loads((d / "config.json").read_text()) for d in (tiny, base))
+    assert {k: cfg[k] for k in TINY_SHAPE} == TINY_SHAPE
+    for key in ("architectures", "vocab_size", "tie_word_embeddings", "bos_token_id", "eos_token_id"):
+        assert cfg[key] == base_cfg[key], key
+    assert (tiny / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
+    assert (tiny / "chat_template.jinja").read_text() == (base / "chat_template.jinja").read_text()
+    stamp = (tiny / "model.safetensors").stat().st_mtime_ns
+    assert prepare_tiny_model() == tiny and (tiny / "model.safetensors").stat().st_mtime_ns == stamp  # cached
