@@ -22,17 +22,19 @@ def server(policy_server):
 def test_short_stress_single_agent(server, tmp_path):
     from simulator.stress import METRIC_KEYS, main
 
-    cfg = load_config(overrides=["simulator.max_turns=2", "agents.cs.max_tokens=48", "simulator.json_retries=1"])
+    # one turn per episode: the multi-turn path is the loop test's; here the report, its groups and the 135M model's
+    # words in the agenda user's turn (two turns made this test 74 s of the suite on the AVX2 box)
+    cfg = load_config(overrides=["simulator.max_turns=1", "agents.cs.max_tokens=48", "simulator.json_retries=1"])
     out = tmp_path / "stress"
     report = main(
         cfg,
-        n_personas=3,
-        concurrency=3,
+        n_personas=2,
+        concurrency=2,
         seed=1,
         target_url=server.base_url,
         target_model="policy",
         out=out,
-        max_turns=2,
+        max_turns=1,
         sim_url=server.base_url,
     )
     for name in ("report.json", "trajectories.jsonl", "report.png"):
@@ -43,7 +45,7 @@ def test_short_stress_single_agent(server, tmp_path):
     assert {"difficulty=hard", "difficulty=easy"} <= set(on_disk["groups"])
     assert on_disk["setup"]["target"].startswith("single-agent:policy@")
     trajs = [Trajectory.from_json(line) for line in (out / "trajectories.jsonl").read_text().splitlines()]
-    assert len(trajs) == 3 and on_disk["overall"]["episodes"] == 3
+    assert len(trajs) == 2 and on_disk["overall"]["episodes"] == 2
     ok = [t for t in trajs if t.status == "ok"]
     # the default simulator is the agenda user model: its metadata never depends on the model's JSON, so no episode
     # fails in the simulator (issue 8: half of them did with the LLM role-play on this model)
@@ -60,7 +62,7 @@ def test_short_stress_single_agent(server, tmp_path):
     o = on_disk["overall"]
     for key in ("tse", "satisfaction", "finish_rate", "cost_rate", "turns", "compliance"):
         assert isinstance(o[key], float) and math.isfinite(o[key]), key
-    assert 1.0 <= o["satisfaction"] <= 5.0 and 0.0 <= o["tse"] <= 1.0 and 1.0 <= o["turns"] <= 2.0
+    assert 1.0 <= o["satisfaction"] <= 5.0 and 0.0 <= o["tse"] <= 1.0 and o["turns"] == 1.0
     for t in ok:
         assert all(u.cs_reply and u.user_utterance and u.expert_skills == ("single_agent",) for u in t.turns)
         assert t.final_satisfaction is not None
@@ -73,9 +75,9 @@ def test_two_agent_stress_with_prompt_injectors(server, tmp_path):
     from simulator.adversary import INJECTIONS, breaches
     from simulator.stress import main
 
-    cfg = load_config(overrides=["simulator.max_turns=2", "agents.cs.max_tokens=32"])
+    cfg = load_config(overrides=["simulator.max_turns=1", "agents.cs.max_tokens=32"])
     out = tmp_path / "stress"
-    report = main(cfg, n_personas=2, concurrency=2, seed=3, out=out, max_turns=2, sim_url=server.base_url,
+    report = main(cfg, n_personas=2, concurrency=2, seed=3, out=out, max_turns=1, sim_url=server.base_url,
                   injectors=0.5)  # fmt: skip
     assert report["setup"]["target"] == f"two-agent@{server.base_url}"
     assert len(report["setup"]["injected"]) == 1
