@@ -52,6 +52,25 @@ def is_prepared(path: Path) -> bool:
     return (path / _STAMP).is_file() and (path / "config.json").is_file()
 
 
+def _install(target: Path, model, tok, stamp: dict) -> None:
+    """Save `model` and `tok` into `target` atomically (a temporary sibling folder renamed over it), with the stamp
+    that `is_prepared` looks for written last."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if not getattr(tok, "chat_template", None):
+            raise ModelError(f"the tokenizer saved to {target} has no chat template")
+        (tmp / _STAMP).write_text(json.dumps(stamp))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def prepare_default_model(force: bool = False, log=print) -> Path:
     """Return the cached HF folder of SmolLM2-135M-Instruct, converting it first if needed (idempotent)."""
     target = default_model_dir()
@@ -70,32 +89,18 @@ def prepare_default_model(force: bool = False, log=print) -> Path:
 
     t0 = time.time()
     log(f"[model] converting {gguf.name} -> {target} (once, ~30 s)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
-        # Plain gguf_file loading keeps the weights packed and refuses to save; dequantize on load (DESIGN §5).
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent,
-            gguf_file=gguf.name,
-            dtype=torch.bfloat16,
-            quantization_config=GgufConfig(dequantize=True),
-        )
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        if model.config.quantization_config if hasattr(model.config, "quantization_config") else None:
-            del model.config.quantization_config
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        if not getattr(tok, "chat_template", None):
-            raise ModelError("the converted tokenizer has no chat template")
-        (tmp / _STAMP).write_text(
-            json.dumps({"source": SMOLLM2_WHEEL, "gguf": gguf.name, "seconds": round(time.time() - t0, 1)})
-        )
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    # Plain gguf_file loading keeps the weights packed and refuses to save: dequantize on load.
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent,
+        gguf_file=gguf.name,
+        dtype=torch.bfloat16,
+        quantization_config=GgufConfig(dequantize=True),
+    )
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if model.config.quantization_config if hasattr(model.config, "quantization_config") else None:
+        del model.config.quantization_config
+    stamp = {"source": SMOLLM2_WHEEL, "gguf": gguf.name, "seconds": round(time.time() - t0, 1)}
+    _install(target, model, tok, stamp)
     log(f"[model] ready in {time.time() - t0:.1f}s: {target}")
     return target
 
@@ -145,18 +150,7 @@ def prepare_tiny_model(seed: int = 0, force: bool = False, log=print) -> Path:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     tok = AutoTokenizer.from_pretrained(base)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        (tmp / _STAMP).write_text(json.dumps(stamp))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    _install(target, model, tok, stamp)
     n = sum(p.numel() for p in model.parameters())
     log(f"[model] tiny random model ({n / 1e6:.1f} M parameters) ready in {time.time() - t0:.1f}s: {target}")
     return target

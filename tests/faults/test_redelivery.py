@@ -97,18 +97,46 @@ def _reachable(url: str) -> bool:
         return False
 
 
-def test_killed_worker_episodes_redelivered_at_once_and_once(tmp_path: Path) -> None:
+def _need_redis() -> None:
+    """The machine's Redis: CI must have it, elsewhere a skip."""
     if not _reachable(REDIS_URL):
         if os.environ.get("CI"):
             pytest.fail(f"redis not reachable at {REDIS_URL}")
         pytest.skip("redis not reachable")
-    cfg = _cfg(REDIS_URL)
-    topo = Topology(cfg)
-    d = _Dispatch(cfg)
-    a = _worker(tmp_path, "worker-a", cfg, hold_s=120.0)  # holds every episode far past the test
-    b = None
-    consumer = TrajectoryConsumer(REDIS_URL, cfg, auto_ack=True)
-    try:
+
+
+class _Rig:
+    """The machine's Redis, per-test queue names, a dispatcher, worker-a holding each episode far past the test, a
+    consumer of the trajectory stream; `start_b()` adds worker-b, which plays at once. Everything stopped and the
+    queues deleted on exit."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        _need_redis()
+        self.tmp_path, self.cfg = tmp_path, _cfg(REDIS_URL)
+        self.d = _Dispatch(self.cfg)
+        self.a = _worker(tmp_path, "worker-a", self.cfg, hold_s=120.0)
+        self.b: Child | None = None
+        self.consumer = TrajectoryConsumer(REDIS_URL, self.cfg, auto_ack=True)
+
+    def start_b(self) -> Child:
+        self.b = _worker(self.tmp_path, "worker-b", self.cfg, hold_s=0.2)
+        return self.b
+
+    def __enter__(self) -> _Rig:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.consumer.close()
+        for w in (self.a, self.b):
+            if w is not None:
+                w.stop()
+        delete_topology(REDIS_URL, self.cfg)
+
+
+def test_killed_worker_episodes_redelivered_at_once_and_once(tmp_path: Path) -> None:
+    with _Rig(tmp_path) as rig:
+        cfg, d, a, consumer = rig.cfg, rig.d, rig.a, rig.consumer
+        topo = Topology(cfg)
         assert d.inflight.fill(0, 0, budget_left=3) == ["ep-f-0000", "ep-f-0001", "ep-f-0002"]
 
         def held_two() -> list[str] | None:
@@ -122,7 +150,7 @@ def test_killed_worker_episodes_redelivered_at_once_and_once(tmp_path: Path) -> 
         restored = restore_unacked(REDIS_URL, cfg, queue=topo.task_queue.name, task_ids=set(held))
         assert sorted(restored) == held  # the exact messages, no copies
         assert restore_unacked(REDIS_URL, cfg, queue=topo.task_queue.name, task_ids=set(held)) == []
-        b = _worker(tmp_path, "worker-b", cfg, hold_s=0.2)
+        rig.start_b()
         got = _collect(consumer, 3, 90)
         recovered_s = time.monotonic() - t_kill
         assert sorted(got) == d.sent and recovered_s < 60  # << the 900 s visibility timeout
@@ -132,12 +160,6 @@ def test_killed_worker_episodes_redelivered_at_once_and_once(tmp_path: Path) -> 
         assert consumer.counts["duplicates"] == 0 and consumer.counts["consumed"] == 3
         print(json.dumps({"fault": "worker", "dispatched": 3, "trained": 3, "lost": 0, "duplicated": 0,
                           "recovered_s": round(recovered_s, 1)}))  # fmt: skip
-    finally:
-        consumer.close()
-        for w in (a, b):
-            if w is not None:
-                w.stop()
-        delete_topology(REDIS_URL, cfg)
 
 
 def test_cold_shutdown_while_playing_exits_and_gives_the_episodes_back(tmp_path: Path) -> None:
@@ -145,16 +167,8 @@ def test_cold_shutdown_while_playing_exits_and_gives_the_episodes_back(tmp_path:
     exits within seconds without waiting for them, and their unacked messages go back to the queue for the next
     worker, with no restore by the controller. Celery's own threads pool raised NotImplementedError from
     terminate_job here and the worker then waited for the episode's thread (a cluster test's teardown hung)."""
-    if not _reachable(REDIS_URL):
-        if os.environ.get("CI"):
-            pytest.fail(f"redis not reachable at {REDIS_URL}")
-        pytest.skip("redis not reachable")
-    cfg = _cfg(REDIS_URL)
-    d = _Dispatch(cfg)
-    a = _worker(tmp_path, "worker-a", cfg, hold_s=120.0)  # plays each episode far past the test
-    b = None
-    consumer = TrajectoryConsumer(REDIS_URL, cfg, auto_ack=True)
-    try:
+    with _Rig(tmp_path) as rig:
+        d, a, consumer = rig.d, rig.a, rig.consumer
         assert d.inflight.fill(0, 0, budget_left=2) == ["ep-f-0000", "ep-f-0001"]
         log_a = lambda: a.log_path.read_text(errors="replace")  # noqa: E731
         _wait(lambda: log_a().count("playing ep-f-") == 2, 60, "worker-a to play both episodes")
@@ -163,18 +177,12 @@ def test_cold_shutdown_while_playing_exits_and_gives_the_episodes_back(tmp_path:
         _wait(lambda: not a.alive(), 20, "worker-a to exit after SIGQUIT")
         exit_s = time.monotonic() - t_quit
         assert "NotImplementedError" not in log_a() and "cold stop: 2 episode thread(s)" in log_a(), log_a()[-3000:]
-        b = _worker(tmp_path, "worker-b", cfg, hold_s=0.2)
+        rig.start_b()
         got = _collect(consumer, 2, 90)
         assert sorted(got) == d.sent  # both given back and played by worker-b, each once
         time.sleep(1.0)
         assert consumer.get_batch(5, 1.0) == [] and consumer.counts["duplicates"] == 0
         print(json.dumps({"fault": "cold stop", "exit_s": round(exit_s, 1), "given_back": len(got)}))
-    finally:
-        consumer.close()
-        for w in (a, b):
-            if w is not None:
-                w.stop()
-        delete_topology(REDIS_URL, cfg)
 
 
 def test_killed_broker_restarts_with_its_queue(tmp_path: Path) -> None:
