@@ -136,7 +136,7 @@ def prepare_tiny_model(seed: int = 0, force: bool = False, log=print) -> Path:
     needs the default model's config and tokenizer, so `prepare_default_model` runs first)."""
     target = tiny_model_dir()
     stamp = {"source": DEFAULT_MODEL_DIRNAME, "shape": TINY_SHAPE, "seed": seed}
-    if is_prepared(target) and not force and json.loads((target / _STAMP).read_text()).get("shape") == TINY_SHAPE:
+    if is_prepared(target) and not force and json.loads((target / _STAMP).read_text()) == stamp:
         return target
     base = prepare_default_model(log=log)
 

@@ -60,14 +60,15 @@ def instances(n_seeds: int = 4):
     return out
 
 
-def run(p: Persona, n_seeds: int = 4, max_turns: int = 6) -> dict[str, float]:
+def run(p: Persona, n_seeds: int = 4, max_turns: int = 6, cfg: GopoConfig = CFG) -> dict[str, float]:
     sim = AgendaUserSimulator(None, "m")
     trajs, disclosed_at, voucher_ok = [], [], []
     for fam, ct, s in instances(n_seeds):
         inst = sample_instance(fam, seed=s, case_type=ct, demand=p.extrinsic_demand)
         tr = play_episode(episode_id=f"{fam}-{ct}-{s}", scenario_instance=inst, persona=p, user_sim=sim, expert=None,
-                          cs=ScriptedAgent(inst), judge=None, cfg=CFG, seed=s, max_turns=max_turns)  # fmt: skip
-        assert tr.status == "ok", tr.error
+                          cs=ScriptedAgent(inst), judge=None, cfg=cfg, seed=s, max_turns=max_turns)  # fmt: skip
+        if tr.status != "ok":
+            raise RuntimeError(f"trait episode {tr.episode_id} of persona {p.id} failed: {tr.error}")
         trajs.append(tr)
         oid = str(inst.user_facts.get("order_id", ""))
         if oid:
@@ -100,8 +101,8 @@ ROWS = [
 ]  # fmt: skip
 
 
-def trait_table(n_seeds: int = 4) -> list[tuple[str, dict[str, float], dict[str, float]]]:
-    return [(name, run(a, n_seeds), run(b, n_seeds)) for name, a, b in ROWS]
+def trait_table(n_seeds: int = 4, cfg: GopoConfig = CFG) -> list[tuple[str, dict[str, float], dict[str, float]]]:
+    return [(name, run(a, n_seeds, cfg=cfg), run(b, n_seeds, cfg=cfg)) for name, a, b in ROWS]
 
 
 EXPECTED = {
@@ -116,13 +117,13 @@ EXPECTED = {
 _OPS = {"<": lambda a, b: a < b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b}
 
 
-def bench_traits(cfg: GopoConfig, n_seeds: int = 4) -> list[dict[str, Any]]:  # noqa: ARG001 - the bench signature
+def bench_traits(cfg: GopoConfig, n_seeds: int = 4) -> list[dict[str, Any]]:
     """One row per (trait pair, outcome): A's and B's value and whether the expected direction holds."""
-    rows = []
-    for name, a, b in trait_table(n_seeds):
+    rows, per_arm = [], len(instances(n_seeds))
+    for name, a, b in trait_table(n_seeds, cfg):
         for metric, op in EXPECTED[name]:
             holds = bool(_OPS[op](a[metric], b[metric]))
             rows.append({"bench": "traits", "metric": f"{name}: {metric}", "value": round(a[metric], 4),
                          "unit": f"A (B = {b[metric]:.3f})", "b": round(b[metric], 4), "expected": f"A {op} B",
-                         "holds": holds, "episodes_per_arm": len(instances(n_seeds))})  # fmt: skip
+                         "holds": holds, "episodes_per_arm": per_arm})  # fmt: skip
     return rows
