@@ -46,7 +46,7 @@ def policy_server(tmp_path_factory):
 def tiny_model() -> str:
     """The default architecture cut to ~6.6 M random parameters (gopo_online.models.prepare_tiny_model), built in a
     few seconds from the prepared default model's config and tokenizer. For the tests of the machinery whose
-    outcome must not depend on what a model writes (the whole loop under faults, the cluster layout): vLLM, LoRA
+    outcome must not depend on what a model writes (the cluster layout, eval, learner steps, weight pushes): vLLM, LoRA
     pushes and DeepSpeed run for real on it, ~20x cheaper per token than the 135M model."""
     from gopo_online.models import default_model_dir, is_prepared, prepare_tiny_model
 
