@@ -262,8 +262,10 @@ class BrokerConfig(Section):
     """Queue for messages that failed validation, with the reason."""
     weights_exchange: str = "gopo.weights"
     """Fanout exchange announcing `weights.updated`."""
-    events_exchange: str = "gopo.events"
-    """Fanout exchange of episode / learner / push events (the controller logs them and feeds the dashboard)."""
+    events_exchange: str = "gopo.monitor"
+    """Direct exchange of episode / learner / push events; they wait on its durable queue `<name>.controller`
+    until the controller reads them (it logs them and feeds the dashboard), so a broker restart or a controller
+    that is not subscribed yet loses none. (Named `gopo.monitor`: until 2026-12 `gopo.events` was a fanout.)"""
     task_queue: str = "gopo.episodes"
     """Celery queue of episode tasks."""
     connect_timeout_s: float = Field(default=10.0, gt=0)

@@ -10,6 +10,12 @@ Topology (names come from `BrokerConfig`):
 - `weights_exchange`: fanout exchange carrying `weights.updated` events. Every subscriber (learner, each worker,
   the controller) gets its own auto-delete queue; an event reaches only the subscribers alive when it is sent
   (the serving layer's loaded version stays the source of truth for late joiners).
+- `events_exchange`: direct exchange of monitoring events (episodes, learner steps, pushes, errors) with one
+  durable queue, `<events_exchange>.controller`, which the controller reads. Events wait there while the
+  controller is not subscribed (starting, resubscribing after a broker restart), and the Redis AOF keeps them
+  across a restart of the broker; a publisher keeps an event it could not send in an outbox and sends it again
+  once the broker is back. On RabbitMQ the queue holds at most `EVENTS_QUEUE_MAX` events (the oldest go first)
+  for a run whose controller never comes.
 - `task_queue`: the Celery queue of episode tasks; declared by Celery itself (workers/app.py), only measured here.
 
 Everything is JSON (`application/json`), never pickle. Entities are declared before every first publish because
@@ -55,6 +61,10 @@ EPISODE_TASK_NAME = "gopo.run_episode"
 """Celery task name of one episode; the controller may dispatch by name (`app.send_task`)."""
 WEIGHTS_ROUTING_KEY = "weights.updated"
 EVENTS_ROUTING_KEY = "events"
+EVENTS_QUEUE_MAX = 100_000
+"""RabbitMQ: the events queue keeps at most this many unread events (a learner or worker with no controller)."""
+EVENTS_OUTBOX_MAX = 10_000
+"""Events a publisher keeps while the broker is unreachable; beyond this the oldest are dropped and counted."""
 RETRY_POLICY: dict[str, Any] = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2.0}
 """Bounded publish retry: 4 attempts over ~3 s, then the error propagates to the caller."""
 MAX_REASON_CHARS = 4000
@@ -109,7 +119,7 @@ class WeightsAnnouncement(BaseModel):
 
 
 class MonitorEvent(Event):
-    """One monitoring event on the events fanout: the record of gopo_online.events (kinds and keys defined there)."""
+    """One monitoring event on the events queue: the record of gopo_online.events (kinds and keys defined there)."""
 
 
 # --------------------------------------------------------------------------- topology
@@ -139,7 +149,14 @@ class Topology:
             b.dead_letter_queue, self.dead_letter_exchange, routing_key=b.dead_letter_queue, durable=True
         )
         self.weights_exchange = Exchange(b.weights_exchange, type="fanout", durable=True)
-        self.events_exchange = Exchange(b.events_exchange, type="fanout", durable=True)
+        self.events_exchange = Exchange(b.events_exchange, type="direct", durable=True)
+        self.events_queue = Queue(
+            f"{b.events_exchange}.controller",
+            self.events_exchange,
+            routing_key=EVENTS_ROUTING_KEY,
+            durable=True,
+            queue_arguments={"x-max-length": EVENTS_QUEUE_MAX},  # RabbitMQ; kombu's Redis ignores it
+        )
         # Celery's episode queue, spelled out so the Celery app (task_queues) and queue_depth agree on it.
         self.task_exchange = Exchange(b.task_queue, type="direct", durable=True)
         self.task_queue = Queue(b.task_queue, self.task_exchange, routing_key=b.task_queue, durable=True)
@@ -159,7 +176,7 @@ class Topology:
 
     def declare(self, channel: Any) -> None:
         """Declare exchanges and durable queues (idempotent)."""
-        for entity in (self.trajectory_queue, self.dead_letter_queue, self.weights_exchange, self.events_exchange):
+        for entity in (self.trajectory_queue, self.dead_letter_queue, self.weights_exchange, self.events_queue):
             entity.bind(channel).declare()
 
 
@@ -574,9 +591,12 @@ def get_dead_letters(url: str, cfg: GopoConfig | BrokerConfig, max_n: int = 100)
 
 # --------------------------------------------------------------------------- weights fanout
 class _FanoutPublisher:
-    """Publishes JSON records on one fanout exchange. Thread-safe; connects lazily."""
+    """Publishes JSON records on one exchange (the weights fanout, the events exchange). Thread-safe; connects
+    lazily; `declare` names what each publish makes sure exists (for the events, the queue with its binding: a
+    Redis direct exchange with no bound queue drops the message)."""
 
     def __init__(self, url: str, cfg: GopoConfig | BrokerConfig, exchange: Exchange, routing_key: str) -> None:
+        self.url = url
         self.cfg = _bcfg(cfg)
         self.topology = Topology(self.cfg)
         self.exchange = exchange
@@ -584,6 +604,7 @@ class _FanoutPublisher:
         self._conn = connect(url, self.cfg)
         self._producer: Producer | None = None
         self._lock = threading.Lock()
+        self.declare: list[Any] = [exchange]
 
     def _send(self, body: dict[str, Any]) -> None:
         with self._lock:
@@ -596,7 +617,7 @@ class _FanoutPublisher:
                 serializer="json",
                 exchange=self.exchange,
                 routing_key=self.routing_key,
-                declare=[self.exchange],
+                declare=self.declare,
                 retry=True,
                 retry_policy=RETRY_POLICY,
                 timeout=self.cfg.connect_timeout_s,
@@ -635,14 +656,26 @@ class WeightsAnnouncer(_FanoutPublisher):
 
 
 class EventPublisher(_FanoutPublisher):
-    """Sends monitoring events (episode summaries, learner steps, pushes, errors) on the events fanout.
+    """Sends monitoring events (episode summaries, learner steps, pushes, errors) to the controller's events queue.
 
-    Events are for the controller's log and dashboard; losing one loses a dashboard sample, never data (the
-    trajectory itself travels on the durable trajectory queue).
+    `send` never blocks on the broker: it puts the event in an outbox that a background thread sends in order.
+    An event the broker did not take (down, restarting) stays first in the outbox and is sent again with a capped
+    backoff until it goes through, so a learner step taken during a broker outage still reaches the run's log.
+    `close()` (and `flush()`) wait up to `timeout_s` for the outbox to empty; what is left then is counted as
+    dropped and reported. Counts: sent, retries, dropped.
     """
 
-    def __init__(self, url: str, cfg: GopoConfig | BrokerConfig) -> None:
-        super().__init__(url, cfg, Topology(cfg).events_exchange, EVENTS_ROUTING_KEY)
+    def __init__(self, url: str, cfg: GopoConfig | BrokerConfig, outbox_max: int = EVENTS_OUTBOX_MAX) -> None:
+        topology = Topology(cfg)
+        super().__init__(url, cfg, topology.events_exchange, EVENTS_ROUTING_KEY)
+        self.declare = [topology.events_queue]
+        self._outbox: collections.deque[dict[str, Any]] = collections.deque()
+        self._outbox_max = outbox_max
+        self._cv = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self.counts: dict[str, int] = {"sent": 0, "retries": 0, "dropped": 0}
+        self.last_error: str | None = None
 
     def emit(
         self, kind: str, metrics: dict[str, float], payload: dict[str, Any] | None = None, step: int = 0
@@ -650,10 +683,92 @@ class EventPublisher(_FanoutPublisher):
         return self.send(Event(kind=kind, step=step, metrics=metrics, payload=payload))  # type: ignore[arg-type]
 
     def send(self, event: Event) -> MonitorEvent:
-        """Send an event built with gopo_online.events' constructors, stamped with this process as its source."""
+        """Queue an event built with gopo_online.events' constructors, stamped with this process as its source."""
         out = MonitorEvent(**{**event.model_dump(), "source": _source()})
-        self._send(out.model_dump(mode="json"))
+        body = out.model_dump(mode="json")
+        with self._cv:
+            if self._closing:
+                raise RuntimeError("EventPublisher is closed")
+            if len(self._outbox) >= self._outbox_max:
+                self._outbox.popleft()
+                self.counts["dropped"] += 1
+            self._outbox.append(body)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="events-outbox", daemon=True)
+                self._thread.start()
+            self._cv.notify_all()
         return out
+
+    def pending(self) -> int:
+        with self._cv:
+            return len(self._outbox)
+
+    def _run(self) -> None:
+        backoff = 0.2
+        while True:
+            with self._cv:
+                while not self._outbox and not self._closing:
+                    self._cv.wait()
+                if not self._outbox:
+                    return
+                body = self._outbox[0]
+            try:
+                self._send(body)
+            except Exception as e:  # noqa: BLE001 - any broker failure: keep the event, try again
+                self.last_error = repr(e)
+                with self._cv:
+                    self.counts["retries"] += 1
+                    if self.counts["retries"] in (1, 10) or self.counts["retries"] % 100 == 0:
+                        log.warning("events: the broker did not take an event (%r); %d waiting, retrying",
+                                    e, len(self._outbox))  # fmt: skip
+                    self._reset()
+                    self._cv.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.2
+            with self._cv:
+                if self._outbox and self._outbox[0] is body:
+                    self._outbox.popleft()
+                self.counts["sent"] += 1
+                self._cv.notify_all()
+
+    def _reset(self) -> None:
+        """After a failed publish: a fresh connection for the next try (kombu's may be half-closed)."""
+        with self._lock:
+            self._producer = None
+            try:
+                self._conn.release()
+            except Exception:  # noqa: BLE001 - best effort on a dead connection
+                pass
+            self._conn = connect(self.url, self.cfg)
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until every queued event was sent (True) or `timeout_s` passed (False)."""
+        deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.cfg.connect_timeout_s * 3)
+        with self._cv:
+            while self._outbox:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(min(left, 0.2))
+            return True
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Send what is queued (up to `timeout_s`, default 3 x broker.connect_timeout_s), then close."""
+        self.flush(timeout_s)
+        with self._cv:
+            self._closing = True
+            left = len(self._outbox)
+            if left:
+                self.counts["dropped"] += left
+                log.warning("events: %d event(s) not sent before close (broker unreachable: %s)", left,
+                            self.last_error)  # fmt: skip
+                self._outbox.clear()
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(self.cfg.connect_timeout_s + 5.0)
+            self._thread = None
+        super().close()
 
 
 class _ListenerMixin(ConsumerProducerMixin):
@@ -690,7 +805,7 @@ class _ListenerMixin(ConsumerProducerMixin):
     def get_consumers(self, Consumer: Any, channel: Any) -> list[Any]:  # noqa: N803 - kombu's signature
         lst = self.listener
         lst.topology.declare(channel)
-        queue = lst.topology.fanout_queue(lst.exchange, lst.role, lst.routing_key)
+        queue = lst._queue()
         consumer = Consumer([queue], callbacks=[self.on_message], no_ack=True, accept=["json"])
         # kombu reports a foreign content type through on_decode_error: route it to the DLQ too.
         consumer.on_decode_error = self.on_decode_error
@@ -703,8 +818,17 @@ class _ListenerMixin(ConsumerProducerMixin):
         self.listener._dead_letter(self.producer, message, f"undecodable {self.listener.exchange.name} record: {exc}")
 
     def on_consume_ready(self, connection: Any, channel: Any, consumers: Any, **kwargs: Any) -> None:
-        self.listener._ready.set()  # subscribed: a record sent from now on is received
         self.listener._backoff = 0.2  # the next failure starts from the short wait again
+        self._iterations = 0
+        # AMQP: basic_consume has returned, the queue is bound: a record sent from now on is received. kombu's
+        # Redis subscribes a fanout queue (PSUBSCRIBE) lazily, inside the first drain_events: ready after it.
+        if not (is_redis(self.listener.url) and self.listener.exchange.type == "fanout"):
+            self.listener._ready.set()
+
+    def on_iteration(self) -> None:
+        self._iterations = getattr(self, "_iterations", 0) + 1
+        if self._iterations >= 2:  # one drain_events (<= 1 s) has run since the consumers were registered
+            self.listener._ready.set()
 
     def on_connection_error(self, exc: Exception, interval: float) -> None:
         lst = self.listener
@@ -778,6 +902,10 @@ class _FanoutListener:
                 self._backoff = min(self._backoff * 2, 5.0)
             finally:
                 mixin.close()
+
+    def _queue(self) -> Queue:
+        """The queue this listener consumes: its own auto-delete queue on the fanout exchange."""
+        return self.topology.fanout_queue(self.exchange, self.role, self.routing_key)
 
     def _dead_letter(self, producer: Producer, message: Any, reason: str) -> None:
         self.counts["dead_lettered"] += 1
@@ -872,15 +1000,34 @@ class WeightsListener(_FanoutListener):
 
 
 class EventListener(_FanoutListener):
-    """Receives monitoring events into a bounded buffer; `drain()` returns and clears what arrived."""
+    """Receives monitoring events into a bounded buffer; `drain()` returns and clears what arrived.
+
+    It reads the durable events queue (one reader per run: the controller), so events sent while it was not
+    subscribed (before `start()`, or while it resubscribes after a broker restart) still arrive, in order.
+    """
 
     record_type = MonitorEvent
 
     def __init__(self, url: str, cfg: GopoConfig | BrokerConfig, role: str = "controller", maxlen: int = 100_000):
         super().__init__(url, cfg, Topology(cfg).events_exchange, EVENTS_ROUTING_KEY, role)
         self._events: collections.deque[MonitorEvent] = collections.deque(maxlen=maxlen)
+        self._seen: set[tuple[Any, ...]] = set()
+        self._seen_order: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._seen_max = 10_000
+
+    def _queue(self) -> Queue:
+        return self.topology.events_queue
 
     def _keep(self, record: MonitorEvent) -> None:
+        # A publish the broker took but did not confirm (killed in between) is sent again: keep it once.
+        key = (record.source, record.time, record.kind, record.step)
+        if key in self._seen:
+            self.counts["duplicates"] = self.counts.get("duplicates", 0) + 1
+            return
+        self._seen.add(key)
+        self._seen_order.append(key)
+        if len(self._seen_order) > self._seen_max:
+            self._seen.discard(self._seen_order.popleft())
         self._events.append(record)
 
     def drain(self) -> list[MonitorEvent]:
@@ -910,11 +1057,23 @@ def queue_depth(url: str, cfg: GopoConfig | BrokerConfig) -> dict[str, int]:
     return out
 
 
+def purge_events(url: str, cfg: GopoConfig | BrokerConfig) -> int:
+    """Drop the events waiting on the events queue (a new run's controller: they belong to an earlier run)."""
+    b = _bcfg(cfg)
+    with connect(url, b) as conn:
+        _ensure_connected(conn, b)
+        channel = conn.channel()
+        queue = Topology(b).events_queue.bind(channel)
+        queue.declare()
+        return int(queue.purge() or 0)
+
+
 def delete_topology(url: str, cfg: GopoConfig | BrokerConfig, *, include_task_queue: bool = True) -> None:
     """Delete this config's queues and exchanges (tests and benchmarks with unique names clean up with it)."""
     b = _bcfg(cfg)
     topo = Topology(b)
-    queues = [topo.trajectory_queue, topo.dead_letter_queue] + ([topo.task_queue] if include_task_queue else [])
+    queues = [topo.trajectory_queue, topo.dead_letter_queue, topo.events_queue]
+    queues += [topo.task_queue] if include_task_queue else []
     exchanges = [topo.trajectory_exchange, topo.dead_letter_exchange, topo.weights_exchange, topo.events_exchange]
     exchanges += [topo.task_exchange] if include_task_queue else []
     with connect(url, b) as conn:

@@ -1,11 +1,13 @@
 """The whole loop, for real: `gopo-online train` on the one-machine default with a tiny budget, then a resumed run
 that takes faults.
 
-Run 1 starts (through the CLI, as a user would) an embedded Redis, a vLLM policy server with the default model, a
-Celery rollout worker and the DeepSpeed learner; episodes are played against the live server, the learner takes a
-step and pushes LoRA adapters to the live server. (Not the tiny random model: its learner steps take seconds, so a
-step can fall inside the broker kill's outage, and the learner and push events published then are lost — the
-learner did take the step; a known defect of the events' delivery across a broker restart, see docs/testing.md.)
+Run 1 starts (through the CLI, as a user would) an embedded Redis, a vLLM policy server, a Celery rollout worker
+and the DeepSpeed learner, on the default architecture with ~6.6 M random parameters (the `tiny_model` fixture:
+what is tested is the machinery, and the 135M model made this test 11-15 minutes of a 2-core box); episodes are
+played against the live server, the learner takes a step and pushes LoRA adapters to the live server. (Its
+learner steps take seconds, so a step can fall inside the broker kill's outage below: the step's learner and push
+events must still reach metrics.jsonl — the publisher's outbox and the durable events queue, gopo_online.stream.
+Before those, 1 suite of 4 failed here with the events of such a step lost.)
 
 Run 2 resumes on the same run dir: the new server is refit to the pushed version before dispatch, later trajectories
 carry that version, and the learner continues from its checkpoint. It also takes faults in turn
@@ -51,9 +53,10 @@ BUDGET = [
 ]
 
 
-def _train(run_dir: Path) -> subprocess.CompletedProcess[str]:
+def _train(run_dir: Path, model: str) -> subprocess.CompletedProcess[str]:
     sets = [
         *BUDGET,
+        f"model.path={json.dumps(model)}",
         f"run.output_dir={json.dumps(str(run_dir.parent))}",
         f"run.name={json.dumps(run_dir.name)}",
     ]
@@ -66,9 +69,9 @@ def _events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def test_train_end_to_end_then_resume_under_faults(tmp_path: Path) -> None:
+def test_train_end_to_end_then_resume_under_faults(tmp_path: Path, tiny_model: str) -> None:
     run_dir = tmp_path / "loop"
-    proc = _train(run_dir)
+    proc = _train(run_dir, tiny_model)
     logs = (
         "\n".join(p.read_text()[-3000:] for p in sorted((run_dir / "logs").glob("*.log"))) if run_dir.exists() else ""
     )
@@ -105,7 +108,7 @@ def test_train_end_to_end_then_resume_under_faults(tmp_path: Path) -> None:
 
     # Resume: same run dir, two more learner steps, a worker and then the broker killed on the way; numbering,
     # checkpoint and served version continue.
-    resumed = [*BUDGET, "run.max_steps=3", "workers.restart_backoff_s=0.5"]
+    resumed = [*BUDGET, f"model.path={json.dumps(tiny_model)}", "run.max_steps=3", "workers.restart_backoff_s=0.5"]
     result = run_faults(run_dir, ["worker", "broker"], resumed, step_timeout_s=240, finish_timeout_s=360)
     print(table(result))
     out = result["output"]

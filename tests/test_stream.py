@@ -340,10 +340,91 @@ def test_queue_depth_of_missing_queues_is_zero(url: str) -> None:
     assert queue_depth(url, cfg) == {"trajectory": 0, "dead_letter": 0, "task": 0}
 
 
+def test_an_event_sent_twice_is_kept_once(url: str, bcfg: BrokerConfig) -> None:
+    """The outbox sends again what the broker may have taken without confirming: the listener keeps it once."""
+    with EventListener(url, bcfg, role="controller") as listener, EventPublisher(url, bcfg) as pub:
+        event = pub.emit("learner", {"loss/expert": 1.0}, step=7)
+        assert pub.flush(10.0)
+        pub._send(event.model_dump(mode="json"))  # the same event again, as a retried publish would
+        pub.emit("learner", {"loss/expert": 0.9}, step=8)
+        deadline = time.monotonic() + 5.0
+        got: list = []
+        while len(got) < 2 and time.monotonic() < deadline:
+            got += listener.drain()
+            time.sleep(0.05)
+        time.sleep(0.3)
+        got += listener.drain()
+        assert [e.step for e in got] == [7, 8] and listener.counts["duplicates"] == 1
+
+
 def test_bench_stream_small(url: str) -> None:
     result = bench_stream(url, n=50, size_bytes=5_000)
     assert result["consumed"] == 50
     assert result["publish_per_s"] > 0 and result["consume_per_s"] > 0
+
+
+def test_events_sent_before_the_listener_or_while_the_broker_is_down_arrive_in_order(tmp_path: Path) -> None:
+    """A learner step taken during a broker outage must reach the controller's log (its lost `learner` and `push`
+    events once failed the loop test): an event sent before the controller subscribed waits on the durable events
+    queue, and one sent while the broker is down waits in the publisher's outbox until the broker is back."""
+    import signal
+
+    srv = EmbeddedRedis(tmp_path / "broker").start()
+    cfg = unique_cfg()
+    pub = EventPublisher(srv.url, cfg)
+    listener = EventListener(srv.url, cfg, role="controller")
+
+    def heard(n: int, timeout_s: float) -> list:
+        deadline = time.monotonic() + timeout_s
+        got: list = []
+        while len(got) < n and time.monotonic() < deadline:
+            got += listener.drain()
+            time.sleep(0.05)
+        return got
+
+    try:
+        pub.emit("learner", {"loss/expert": 1.0}, step=1)  # nobody subscribed yet
+        assert pub.flush(10.0) and pub.counts["sent"] == 1
+        listener.start()
+        assert [(e.kind, e.step) for e in heard(1, 10.0)] == [("learner", 1)]
+        time.sleep(1.2)  # appendfsync everysec: the queue's binding is on disk
+        os.kill(srv.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 20.0
+        while listener.counts["reconnects"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        pub.emit("learner", {"loss/expert": 0.5}, step=2)  # the broker is down: must not block nor raise
+        pub.emit("push", {"push/seconds": 0.3}, step=2)
+        assert time.monotonic() - t0 < 1.0
+        time.sleep(4.0)  # longer than one publish's own retries (~3 s): the old publisher gave up here
+        assert pub.pending() == 2 and pub.counts["retries"] >= 1 and pub.last_error
+        srv.restart()
+        assert pub.flush(30.0), pub.last_error
+        assert [(e.kind, e.step) for e in heard(2, 30.0)] == [("learner", 2), ("push", 2)]
+        assert pub.counts == {"sent": 3, "retries": pub.counts["retries"], "dropped": 0}
+        assert heard(1, 1.0) == []  # each once
+    finally:
+        listener.stop()
+        pub.close(timeout_s=1.0)
+        srv.stop()
+
+
+def test_event_publisher_close_reports_what_it_could_not_send(tmp_path: Path) -> None:
+    """With the broker gone for good, close() gives up after its timeout and counts the events as dropped
+    (they are not silently kept or silently lost)."""
+    srv = EmbeddedRedis(tmp_path / "broker").start()
+    cfg = unique_cfg().model_copy(update={"connect_timeout_s": 1.0})
+    pub = EventPublisher(srv.url, cfg)
+    pub.emit("episode", {"episode/tse": 0.1}, {"episode_id": "a"})
+    assert pub.flush(10.0)
+    srv.stop()
+    pub.emit("episode", {"episode/tse": 0.2}, {"episode_id": "b"})
+    t = time.monotonic()
+    pub.close(timeout_s=2.0)
+    assert time.monotonic() - t < 10.0
+    assert pub.counts["sent"] == 1 and pub.counts["dropped"] == 1
+    with pytest.raises(RuntimeError, match="closed"):
+        pub.emit("episode", {}, {"episode_id": "c"})
 
 
 def test_event_listener_survives_its_broker_being_killed_and_restarted(tmp_path: Path) -> None:

@@ -297,8 +297,12 @@ def train(
         print(f"[train] policy server serves version {sink.version}", flush=True)
 
         # -- 3. events first, so the listener outlives the children and hears their last events (final drain)
-        from gopo_online.stream import EventListener, Topology
+        from gopo_online.stream import EventListener, Topology, purge_events
 
+        if len(state.runs) == 1:  # a new run: events still waiting on the queue are an earlier run's
+            stale = purge_events(url, cfg)
+            if stale:
+                print(f"[train] dropped {stale} event(s) of an earlier run from the events queue", flush=True)
         events = EventListener(url, cfg, role="controller").start()
         stack.callback(events.stop)
         celery = _celery_client(cfg, url)
