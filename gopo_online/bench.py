@@ -69,11 +69,12 @@ BENCHES: dict[str, str] = {
     "faults": "workers.faults:bench_faults",
     "scale": "workers.bench_scale:bench_scale",
     "loop": "gopo_online.bench_loop:bench_loop",
+    "async": "gopo_online.bench_loop:bench_async",
 }
 """Benchmark name -> `module:function(cfg) -> list[Row]`, imported only when run."""
-OPT_IN = {"learning", "faults"}
+OPT_IN = {"learning", "faults", "async"}
 """Benchmarks that run only when named with --only (`learning` trains for an hour on the CPU default, `faults`
-plays a real train run for minutes)."""
+plays a real train run for minutes, `async` two `train` runs of --minutes each, 10 by default)."""
 
 
 def _resolve(target: str) -> Callable[[GopoConfig], list[Row]]:

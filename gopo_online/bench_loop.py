@@ -107,6 +107,80 @@ def _metrics(run_dir: Path) -> dict[str, float]:
     }
 
 
+def reward_curve(run_dir: Path, bin_s: float = 60.0) -> dict[str, Any]:
+    """Reward against wall-clock from a run's metrics.jsonl: each learner step's `reward/joint` (the mean joint
+    reward of the batch it trained on) at its seconds since the run's first event; the mean per `bin_s` bin; and
+    the mean over the second half of the run (what a user sees after a fixed wall-clock budget)."""
+    events: list[dict[str, Any]] = []
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    times = [e["time"] for e in events if isinstance(e.get("time"), int | float)]
+    if not times:
+        return {"points": [], "bins": [], "late_mean": None}
+    t0, t1 = min(times), max(times)
+    points = [(round(e["time"] - t0, 1), float(e["metrics"]["reward/joint"])) for e in events
+              if e.get("kind") == "learner" and "reward/joint" in (e.get("metrics") or {})]  # fmt: skip
+    bins: dict[int, list[float]] = {}
+    for t, r in points:
+        bins.setdefault(int(t // bin_s), []).append(r)
+    half = (t1 - t0) / 2.0
+    late = [r for t, r in points if t >= half]
+    return {
+        "points": points,
+        "bins": [(k * bin_s, sum(v) / len(v)) for k, v in sorted(bins.items())],
+        "late_mean": sum(late) / len(late) if late else None,
+    }
+
+
+def _train(minutes: float, out: Path, name: str, extra: Sequence[str] = ()) -> tuple[subprocess.CompletedProcess, float]:  # noqa: E501
+    sets = [f"run.output_dir={json.dumps(str(out))}", f"run.name={json.dumps(name)}", f"run.max_minutes={minutes}",
+            "run.resume=false", "dashboard.enabled=false", "dashboard.tensorboard=false", *extra]  # fmt: skip
+    cmd = [sys.executable, "-m", "gopo_online.cli", "train"] + [a for s in sets for a in ("--set", s)]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60 * minutes + 300, env=env)
+    return proc, time.perf_counter() - t0
+
+
+SYNC_SETS = ("workers.sync=true", "learner.max_staleness=0", "learner.push_every=1")
+"""The synchronous baseline: dispatch waits for the learner's push, nothing trained is ever stale."""
+
+
+def bench_async(cfg: GopoConfig, minutes: float = 10.0) -> list[Row]:
+    """The default asynchronous loop vs the same system run synchronously (`workers.sync`, max_staleness 0), each a
+    real `train` of `minutes` from the same seed, one after the other on this box: episodes/min, learner
+    steps/min and reward against wall-clock, and the async/sync ratios (target >= 2x episodes/min)."""
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="gopo-async-") as tmp:
+        out = Path(tmp) / "runs"
+        got: dict[str, dict[str, Any]] = {}
+        for arm, extra in (("async", ()), ("sync", SYNC_SETS)):
+            proc, wall = _train(minutes, out, arm, extra)
+            run_dir = out / arm
+            if not (run_dir / "metrics.jsonl").is_file():
+                raise RuntimeError(f"the {arm} train wrote no metrics (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+            m = _metrics(run_dir)
+            curve = reward_curve(run_dir)
+            span_min = max(wall / 60.0, 1e-9)
+            got[arm] = {**m, "steps_per_min": m["learner_steps"] / span_min, "late_reward": curve["late_mean"]}
+            rows.append(_row("async", f"{arm}.episodes_per_min", m["episodes_per_min"], "episodes/min",
+                             episodes=int(m["episodes"]), rc=proc.returncode, wall_s=round(wall, 1)))  # fmt: skip
+            rows.append(_row("async", f"{arm}.learner_steps_per_min", got[arm]["steps_per_min"], "steps/min",
+                             learner_steps=int(m["learner_steps"])))  # fmt: skip
+            rows.append(_row("async", f"{arm}.reward_second_half", curve["late_mean"] or 0.0, "reward/joint",
+                             curve=curve["bins"], measured=curve["late_mean"] is not None))  # fmt: skip
+        a, s = got["async"], got["sync"]
+        rows.append(_row("async", "ratio_episodes_per_min", a["episodes_per_min"] / max(s["episodes_per_min"], 1e-9),
+                         "x", target=2.0))  # fmt: skip
+        rows.append(_row("async", "ratio_learner_steps_per_min", a["steps_per_min"] / max(s["steps_per_min"], 1e-9),
+                         "x"))  # fmt: skip
+    return rows
+
+
 def bench_loop(cfg: GopoConfig, minutes: float = 3.0) -> list[Row]:
     """Run a `minutes`-long train, then replay its request log on a bare server (see the module docstring)."""
     from gopo_online.requestlog import read_requests, summarize
@@ -115,14 +189,7 @@ def bench_loop(cfg: GopoConfig, minutes: float = 3.0) -> list[Row]:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="gopo-loop-") as tmp:
         out = Path(tmp) / "runs"
-        sets = [f"run.output_dir={json.dumps(str(out))}", 'run.name="loop"', f"run.max_minutes={minutes}",
-                "run.resume=false", "dashboard.enabled=false", "dashboard.tensorboard=false",
-                "workers.request_log=true"]  # fmt: skip
-        cmd = [sys.executable, "-m", "gopo_online.cli", "train"] + [a for s in sets for a in ("--set", s)]
-        t0 = time.perf_counter()
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60 * minutes + 240, env=env)
-        train_s = time.perf_counter() - t0
+        proc, train_s = _train(minutes, out, "loop", ["workers.request_log=true"])
         run_dir = out / "loop"
         logs = sorted((run_dir / "requests").glob("*.jsonl"))
         if not logs:

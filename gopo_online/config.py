@@ -295,6 +295,11 @@ class WorkersConfig(Section):
     restart_window_s: float = Field(default=600.0, gt=0)
     restart_backoff_s: float = Field(default=1.0, ge=0)
     """Delay before a part's first restart, doubled per further restart in the window (capped at 30 s, jittered)."""
+    sync: bool = False
+    """Synchronous rollout, the baseline of `bench --only async`: dispatch `learner.batch_episodes` episodes, then
+    nothing until the learner has stepped on them and pushed the new version (plus one more episode for each that
+    ended in an error, which the learner does not train on). Needs learner.max_staleness = 0 and push_every = 1.
+    The default (False) is the asynchronous loop: episodes keep playing while the learner steps."""
     request_log: bool = True
     """Append every model request (prompt tokens, max_tokens, structured-output kind, adapter) to
     run_dir/requests/<worker>.jsonl: the profile of a run, and what `bench --only loop` replays."""
@@ -460,6 +465,11 @@ class GopoConfig(Section):
             )
         if self.serving.weight_transport == "lora" and self.learner.finetune == "full":
             raise ValueError("serving.weight_transport = 'lora' needs learner.finetune = 'lora' (no adapter to push)")
+        if self.workers.sync and (self.learner.max_staleness != 0 or self.learner.push_every != 1):
+            raise ValueError(
+                "workers.sync = true (dispatch waits for the learner) needs learner.max_staleness = 0 and "
+                f"learner.push_every = 1 (got {self.learner.max_staleness} and {self.learner.push_every})"
+            )
         if self.learner.finetune == "lora" and self.learner.lora_rank > self.serving.max_lora_rank:
             raise ValueError(
                 f"learner.lora_rank = {self.learner.lora_rank} exceeds "

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from gopo_online.bench_loop import _metrics, loop_rate, replay
+from gopo_online.bench_loop import _metrics, loop_rate, replay, reward_curve
 from gopo_online.loadserver import LoadServer
 
 
@@ -40,3 +40,18 @@ def test_metrics_counts_episodes_and_steps(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     m = _metrics(tmp_path)
     assert m == {"episodes": 2.0, "learner_steps": 2.0, "episodes_per_min": 2.0}
+
+
+def test_reward_curve_bins_learner_rewards_by_wall_clock(tmp_path):
+    lines = [{"time": 100.0, "kind": "episode", "metrics": {}},
+             {"time": 130.0, "kind": "learner", "step": 1, "metrics": {"reward/joint": 0.1}},
+             {"time": 150.0, "kind": "learner", "step": 2, "metrics": {"reward/joint": 0.3}},
+             {"time": 190.0, "kind": "learner", "step": 3, "metrics": {"reward/joint": 0.5}},
+             {"time": 220.0, "kind": "learner", "step": 4, "metrics": {"reward/joint": 0.7}},
+             {"time": 220.0, "kind": "push", "metrics": {}}]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
+    c = reward_curve(tmp_path, bin_s=60.0)
+    assert c["points"] == [(30.0, 0.1), (50.0, 0.3), (90.0, 0.5), (120.0, 0.7)]
+    assert c["bins"] == [(0.0, 0.2), (60.0, 0.5), (120.0, 0.7)]
+    assert c["late_mean"] == pytest.approx(0.6)  # steps at or after half the 120 s span
+    assert reward_curve(tmp_path / "missing") == {"points": [], "bins": [], "late_mean": None}

@@ -185,7 +185,7 @@ def train(
     """Run the loop until the budget (run.max_episodes / max_steps / max_minutes) or Ctrl-C. Returns an exit code."""
     from gopo_online.dashboard import Dashboard
     from gopo_online.metrics_log import MetricsLogger
-    from workers.dispatch import InFlight
+    from workers.dispatch import InFlight, sync_allowance
     from workers.sink import EventSink
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -428,6 +428,7 @@ def train(
         # Trajectories waiting for the learner beyond this many would age past max_staleness before it reaches
         # them (each step consumes batch_episodes and bumps the version): dispatching more only burns compute.
         max_queued = cfg.learner.batch_episodes * (cfg.learner.max_staleness + 1)
+        sync_base = (sink.version, state.errors, state.dispatched)  # workers.sync counts from this run's start
         sink.dashboard.start()
         stack.callback(sink.dashboard.stop)
 
@@ -464,6 +465,10 @@ def train(
                 # dispatch up to the in-flight bound (and never past the episode budget); hold back while the
                 # learner's queue already holds more than it can train on before those trajectories go stale
                 budget_left = cfg.run.max_episodes - state.finished - len(inflight) if cfg.run.max_episodes else 1 << 30
+                if cfg.workers.sync:  # dispatch waits for the learner's push (bench --only async's baseline)
+                    budget_left = min(budget_left, sync_allowance(
+                        cfg.learner.batch_episodes, max(0, sink.version - sync_base[0]), state.errors - sync_base[1],
+                        state.dispatched - sync_base[2]))  # fmt: skip
                 try:
                     sent = inflight.fill(state.next_episode, sink.version, budget_left,
                                          hold_back=queued_trajectories >= max_queued)  # fmt: skip

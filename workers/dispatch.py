@@ -113,6 +113,14 @@ class InFlight:
         return ids
 
 
+def sync_allowance(batch_episodes: int, steps_done: int, errors: int, dispatched: int) -> int:
+    """Synchronous rollout (`workers.sync`): how many more episodes may be dispatched now. Batch k (k = 0, 1, ...)
+    goes out only after the learner pushed the version of step k, so after `steps_done` pushes this run may have
+    dispatched batch_episodes x (steps_done + 1) episodes, plus one for each that ended in an error (the learner
+    does not train on those, so its batch would never fill)."""
+    return max(0, batch_episodes * (steps_done + 1) + errors - dispatched)
+
+
 def restore_unacked(
     url: str, cfg: Any, *, queue: str, task_ids: set[str] | None = None, timeout_s: float = 5.0
 ) -> list[str]:
