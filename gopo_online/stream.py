@@ -636,39 +636,16 @@ class _FanoutPublisher:
         self.close()
 
 
-class WeightsAnnouncer(_FanoutPublisher):
-    """Sends `weights.updated` events on the weights fanout exchange (the learner)."""
+class _OutboxPublisher(_FanoutPublisher):
+    """A publisher whose sends never block on the broker: `_enqueue` puts the record in an outbox that a background
+    thread sends in order. A record the broker did not take (down, restarting) stays first in the outbox and is
+    sent again with a capped backoff until it goes through. `close()` (and `flush()`) wait up to `timeout_s` for the
+    outbox to empty; what is left then is counted as dropped and reported. Counts: sent, retries, dropped."""
 
-    def __init__(self, url: str, cfg: GopoConfig | BrokerConfig) -> None:
-        super().__init__(url, cfg, Topology(cfg).weights_exchange, WEIGHTS_ROUTING_KEY)
-
-    def announce(self, version: int, transport: str, path: str, served_models: dict[str, Any]) -> WeightsAnnouncement:
-        event = WeightsAnnouncement(
-            version=version,
-            transport=transport,
-            path=str(path),
-            served_models=served_models,
-            announced_at=time.time(),
-            source=_source(),
-        )
-        self._send(event.model_dump(mode="json"))
-        return event
-
-
-class EventPublisher(_FanoutPublisher):
-    """Sends monitoring events (episode summaries, learner steps, pushes, errors) to the controller's events queue.
-
-    `send` never blocks on the broker: it puts the event in an outbox that a background thread sends in order.
-    An event the broker did not take (down, restarting) stays first in the outbox and is sent again with a capped
-    backoff until it goes through, so a learner step taken during a broker outage still reaches the run's log.
-    `close()` (and `flush()`) wait up to `timeout_s` for the outbox to empty; what is left then is counted as
-    dropped and reported. Counts: sent, retries, dropped.
-    """
-
-    def __init__(self, url: str, cfg: GopoConfig | BrokerConfig, outbox_max: int = EVENTS_OUTBOX_MAX) -> None:
-        topology = Topology(cfg)
-        super().__init__(url, cfg, topology.events_exchange, EVENTS_ROUTING_KEY)
-        self.declare = [topology.events_queue]
+    def __init__(
+        self, url: str, cfg: GopoConfig | BrokerConfig, exchange: Exchange, routing_key: str, outbox_max: int
+    ) -> None:
+        super().__init__(url, cfg, exchange, routing_key)
         self._outbox: collections.deque[dict[str, Any]] = collections.deque()
         self._outbox_max = outbox_max
         self._cv = threading.Condition()
@@ -677,27 +654,18 @@ class EventPublisher(_FanoutPublisher):
         self.counts: dict[str, int] = {"sent": 0, "retries": 0, "dropped": 0}
         self.last_error: str | None = None
 
-    def emit(
-        self, kind: str, metrics: dict[str, float], payload: dict[str, Any] | None = None, step: int = 0
-    ) -> MonitorEvent:
-        return self.send(Event(kind=kind, step=step, metrics=metrics, payload=payload))  # type: ignore[arg-type]
-
-    def send(self, event: Event) -> MonitorEvent:
-        """Queue an event built with gopo_online.events' constructors, stamped with this process as its source."""
-        out = MonitorEvent(**{**event.model_dump(), "source": _source()})
-        body = out.model_dump(mode="json")
+    def _enqueue(self, body: dict[str, Any]) -> None:
         with self._cv:
             if self._closing:
-                raise RuntimeError("EventPublisher is closed")
+                raise RuntimeError(f"{type(self).__name__} is closed")
             if len(self._outbox) >= self._outbox_max:
                 self._outbox.popleft()
                 self.counts["dropped"] += 1
             self._outbox.append(body)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="events-outbox", daemon=True)
+                self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
                 self._thread.start()
             self._cv.notify_all()
-        return out
 
     def pending(self) -> int:
         with self._cv:
@@ -719,8 +687,8 @@ class EventPublisher(_FanoutPublisher):
                 with self._cv:
                     self.counts["retries"] += 1
                     if self.counts["retries"] in (1, 10) or self.counts["retries"] % 100 == 0:
-                        log.warning("events: the broker did not take an event (%r); %d waiting, retrying",
-                                    e, len(self._outbox))  # fmt: skip
+                        log.warning("%s: the broker did not take a record (%r); %d waiting, retrying",
+                                    self.exchange.name, e, len(self._outbox))  # fmt: skip
                     self._reset()
                     self._cv.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -761,14 +729,56 @@ class EventPublisher(_FanoutPublisher):
             left = len(self._outbox)
             if left:
                 self.counts["dropped"] += left
-                log.warning("events: %d event(s) not sent before close (broker unreachable: %s)", left,
-                            self.last_error)  # fmt: skip
+                log.warning("%s: %d record(s) not sent before close (broker unreachable: %s)", self.exchange.name,
+                            left, self.last_error)  # fmt: skip
                 self._outbox.clear()
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(self.cfg.connect_timeout_s + 5.0)
             self._thread = None
         super().close()
+
+
+class WeightsAnnouncer(_OutboxPublisher):
+    """Sends `weights.updated` events on the weights fanout exchange (the learner), through an outbox: a broker
+    outage delays an announcement instead of failing the learner's step (its push and checkpoint are done by then;
+    the server's loaded version stays the source of truth for a subscriber that misses one)."""
+
+    def __init__(self, url: str, cfg: GopoConfig | BrokerConfig, outbox_max: int = 100) -> None:
+        super().__init__(url, cfg, Topology(cfg).weights_exchange, WEIGHTS_ROUTING_KEY, outbox_max)
+
+    def announce(self, version: int, transport: str, path: str, served_models: dict[str, Any]) -> WeightsAnnouncement:
+        event = WeightsAnnouncement(
+            version=version,
+            transport=transport,
+            path=str(path),
+            served_models=served_models,
+            announced_at=time.time(),
+            source=_source(),
+        )
+        self._enqueue(event.model_dump(mode="json"))
+        return event
+
+
+class EventPublisher(_OutboxPublisher):
+    """Sends monitoring events (episode summaries, learner steps, pushes, errors) to the controller's events queue,
+    through the outbox: a learner step taken during a broker outage still reaches the run's log."""
+
+    def __init__(self, url: str, cfg: GopoConfig | BrokerConfig, outbox_max: int = EVENTS_OUTBOX_MAX) -> None:
+        topology = Topology(cfg)
+        super().__init__(url, cfg, topology.events_exchange, EVENTS_ROUTING_KEY, outbox_max)
+        self.declare = [topology.events_queue]
+
+    def emit(
+        self, kind: str, metrics: dict[str, float], payload: dict[str, Any] | None = None, step: int = 0
+    ) -> MonitorEvent:
+        return self.send(Event(kind=kind, step=step, metrics=metrics, payload=payload))  # type: ignore[arg-type]
+
+    def send(self, event: Event) -> MonitorEvent:
+        """Queue an event built with gopo_online.events' constructors, stamped with this process as its source."""
+        out = MonitorEvent(**{**event.model_dump(), "source": _source()})
+        self._enqueue(out.model_dump(mode="json"))
+        return out
 
 
 class _ListenerMixin(ConsumerProducerMixin):

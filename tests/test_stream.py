@@ -409,6 +409,35 @@ def test_events_sent_before_the_listener_or_while_the_broker_is_down_arrive_in_o
         srv.stop()
 
 
+def test_a_weights_announcement_during_a_broker_outage_does_not_fail_the_learner(tmp_path: Path) -> None:
+    """The learner announces a version after its push and checkpoint; with the broker down the old synchronous
+    announce raised kombu's OperationalError out of the step and the learner died with the step's events unsent
+    (the loop test saw steps [2] instead of [2, 3]). Now it returns at once and the announcement goes out when the
+    broker is back."""
+    import signal
+
+    srv = EmbeddedRedis(tmp_path / "broker").start()
+    cfg = unique_cfg()
+    announcer = WeightsAnnouncer(srv.url, cfg)
+    listener = WeightsListener(srv.url, cfg, role="worker").start()
+    try:
+        announcer.announce(1, "lora", "/w/v1", {"cs": "cs-v1"})
+        assert listener.wait_for(1, timeout_s=10.0) is not None
+        os.kill(srv.pid, signal.SIGKILL)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        announcer.announce(2, "lora", "/w/v2", {"cs": "cs-v2"})  # must neither raise nor block
+        assert time.monotonic() - t0 < 1.0
+        time.sleep(4.0)
+        assert announcer.pending() == 1 and announcer.counts["retries"] >= 1
+        srv.restart()
+        assert announcer.flush(30.0), announcer.last_error
+    finally:
+        listener.stop()
+        announcer.close(timeout_s=1.0)
+        srv.stop()
+
+
 def test_event_publisher_close_reports_what_it_could_not_send(tmp_path: Path) -> None:
     """With the broker gone for good, close() gives up after its timeout and counts the events as dropped
     (they are not silently kept or silently lost)."""
