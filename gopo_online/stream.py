@@ -654,6 +654,12 @@ class _OutboxPublisher(_FanoutPublisher):
         self.counts: dict[str, int] = {"sent": 0, "retries": 0, "dropped": 0}
         self.last_error: str | None = None
 
+    _idle_s: float | None = None
+    """After this long with nothing to send, `_on_idle` may give a record to send again (None: never)."""
+
+    def _on_idle(self) -> dict[str, Any] | None:
+        return None
+
     def _enqueue(self, body: dict[str, Any]) -> None:
         with self._cv:
             if self._closing:
@@ -676,7 +682,10 @@ class _OutboxPublisher(_FanoutPublisher):
         while True:
             with self._cv:
                 while not self._outbox and not self._closing:
-                    self._cv.wait()
+                    if not self._cv.wait(self._idle_s) and not self._closing:
+                        again = self._on_idle()  # nothing sent for _idle_s: a subclass may repeat its latest
+                        if again is not None:
+                            self._outbox.append(again)
                 if not self._outbox:
                     return
                 body = self._outbox[0]
@@ -744,8 +753,18 @@ class WeightsAnnouncer(_OutboxPublisher):
     outage delays an announcement instead of failing the learner's step (its push and checkpoint are done by then;
     the server's loaded version stays the source of truth for a subscriber that misses one)."""
 
-    def __init__(self, url: str, cfg: GopoConfig | BrokerConfig, outbox_max: int = 100) -> None:
+    def __init__(
+        self, url: str, cfg: GopoConfig | BrokerConfig, outbox_max: int = 100, reannounce_s: float | None = 10.0
+    ) -> None:
         super().__init__(url, cfg, Topology(cfg).weights_exchange, WEIGHTS_ROUTING_KEY, outbox_max)
+        self._idle_s = reannounce_s
+        self._latest: dict[str, Any] | None = None
+
+    def _on_idle(self) -> dict[str, Any] | None:
+        """The latest announcement again, every `reannounce_s` while nothing newer comes: a subscriber that was
+        resubscribing when it went out (a broker restart; fanout keeps nothing) catches up, instead of playing on
+        an old version whose trajectories the learner drops as stale (with max_staleness 0: no step ever again)."""
+        return self._latest
 
     def announce(self, version: int, transport: str, path: str, served_models: dict[str, Any]) -> WeightsAnnouncement:
         event = WeightsAnnouncement(
@@ -756,7 +775,10 @@ class WeightsAnnouncer(_OutboxPublisher):
             announced_at=time.time(),
             source=_source(),
         )
-        self._enqueue(event.model_dump(mode="json"))
+        body = event.model_dump(mode="json")
+        with self._cv:
+            self._latest = body
+        self._enqueue(body)
         return event
 
 

@@ -418,7 +418,7 @@ def test_a_weights_announcement_during_a_broker_outage_does_not_fail_the_learner
 
     srv = EmbeddedRedis(tmp_path / "broker").start()
     cfg = unique_cfg()
-    announcer = WeightsAnnouncer(srv.url, cfg)
+    announcer = WeightsAnnouncer(srv.url, cfg, reannounce_s=1.0)
     listener = WeightsListener(srv.url, cfg, role="worker").start()
     try:
         announcer.announce(1, "lora", "/w/v1", {"cs": "cs-v1"})
@@ -432,6 +432,9 @@ def test_a_weights_announcement_during_a_broker_outage_does_not_fail_the_learner
         assert announcer.pending() == 1 and announcer.counts["retries"] >= 1
         srv.restart()
         assert announcer.flush(30.0), announcer.last_error
+        # sent at once after the restart, possibly before the listener resubscribed: the re-announcement (every
+        # reannounce_s) still brings the listener to v2
+        assert listener.wait_for(2, timeout_s=30.0) is not None
     finally:
         listener.stop()
         announcer.close(timeout_s=1.0)
