@@ -80,25 +80,31 @@ def replay(base_url: str, model: str, reqs: Sequence[Mapping[str, Any]], concurr
     }
 
 
+def _read_events(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl (none if it is missing), skipping a line that is not JSON."""
+    path = run_dir / "metrics.jsonl"
+    out: list[dict[str, Any]] = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
 def _metrics(run_dir: Path) -> dict[str, float]:
     episodes = steps = 0
     first = last = None
-    path = run_dir / "metrics.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                ev = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            kind = ev.get("kind")
-            t = ev.get("time")
-            if isinstance(t, int | float):
-                first = t if first is None else min(first, t)
-                last = t if last is None else max(last, t)
-            if kind == "episode":
-                episodes += 1
-            elif kind == "learner":
-                steps = max(steps, int(ev.get("step") or 0))
+    for ev in _read_events(run_dir):
+        kind = ev.get("kind")
+        t = ev.get("time")
+        if isinstance(t, int | float):
+            first = t if first is None else min(first, t)
+            last = t if last is None else max(last, t)
+        if kind == "episode":
+            episodes += 1
+        elif kind == "learner":
+            steps = max(steps, int(ev.get("step") or 0))
     minutes = ((last - first) / 60.0) if first is not None and last is not None and last > first else None
     return {
         "episodes": float(episodes),
@@ -111,13 +117,7 @@ def reward_curve(run_dir: Path, bin_s: float = 60.0) -> dict[str, Any]:
     """Reward against wall-clock from a run's metrics.jsonl: each learner step's `reward/joint` (the mean joint
     reward of the batch it trained on) at its seconds since the run's first event; the mean per `bin_s` bin; and
     the mean over the second half of the run (what a user sees after a fixed wall-clock budget)."""
-    events: list[dict[str, Any]] = []
-    path = run_dir / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+    events = _read_events(run_dir)
     times = [e["time"] for e in events if isinstance(e.get("time"), int | float)]
     if not times:
         return {"points": [], "bins": [], "late_mean": None}
@@ -166,7 +166,7 @@ def bench_async(cfg: GopoConfig, minutes: float = 10.0) -> list[Row]:
             m = _metrics(run_dir)
             curve = reward_curve(run_dir)
             span_min = max(wall / 60.0, 1e-9)
-            got[arm] = {**m, "steps_per_min": m["learner_steps"] / span_min, "late_reward": curve["late_mean"]}
+            got[arm] = {**m, "steps_per_min": m["learner_steps"] / span_min}
             rows.append(_row("async", f"{arm}.episodes_per_min", m["episodes_per_min"], "episodes/min",
                              episodes=int(m["episodes"]), rc=proc.returncode, wall_s=round(wall, 1)))  # fmt: skip
             rows.append(_row("async", f"{arm}.learner_steps_per_min", got[arm]["steps_per_min"], "steps/min",

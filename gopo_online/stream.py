@@ -811,6 +811,7 @@ class _ListenerMixin(ConsumerProducerMixin):
 
     def __init__(self, listener: _FanoutListener) -> None:
         self.listener = listener
+        self._iterations = 0  # consume-loop iterations since the consumers were registered (readiness on Redis)
         self.connection = connect(listener.url, listener.cfg)
 
     @property
@@ -858,7 +859,7 @@ class _ListenerMixin(ConsumerProducerMixin):
             self.listener._ready.set()
 
     def on_iteration(self) -> None:
-        self._iterations = getattr(self, "_iterations", 0) + 1
+        self._iterations += 1
         if self._iterations >= 2:  # one drain_events (<= 1 s) has run since the consumers were registered
             self.listener._ready.set()
 
@@ -1043,6 +1044,7 @@ class EventListener(_FanoutListener):
     def __init__(self, url: str, cfg: GopoConfig | BrokerConfig, role: str = "controller", maxlen: int = 100_000):
         super().__init__(url, cfg, Topology(cfg).events_exchange, EVENTS_ROUTING_KEY, role)
         self._events: collections.deque[MonitorEvent] = collections.deque(maxlen=maxlen)
+        self.counts["duplicates"] = 0
         self._seen: set[tuple[Any, ...]] = set()
         self._seen_order: collections.deque[tuple[Any, ...]] = collections.deque()
         self._seen_max = 10_000
@@ -1054,7 +1056,7 @@ class EventListener(_FanoutListener):
         # A publish the broker took but did not confirm (killed in between) is sent again: keep it once.
         key = (record.source, record.time, record.kind, record.step)
         if key in self._seen:
-            self.counts["duplicates"] = self.counts.get("duplicates", 0) + 1
+            self.counts["duplicates"] += 1
             return
         self._seen.add(key)
         self._seen_order.append(key)
