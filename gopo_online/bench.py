@@ -70,11 +70,13 @@ BENCHES: dict[str, str] = {
     "scale": "workers.bench_scale:bench_scale",
     "loop": "gopo_online.bench_loop:bench_loop",
     "async": "gopo_online.bench_loop:bench_async",
+    "peer": "simulator.peer_bench:bench_peer",
 }
 """Benchmark name -> `module:function(cfg) -> list[Row]`, imported only when run."""
-OPT_IN = {"learning", "faults", "async"}
+OPT_IN = {"learning", "faults", "async", "peer"}
 """Benchmarks that run only when named with --only (`learning` trains for an hour on the CPU default, `faults`
-plays a real train run for minutes, `async` two `train` runs of --minutes each, 10 by default)."""
+plays a real train run for minutes, `async` two `train` runs of --minutes each, 10 by default, `peer` a `train` run and
+TRL's GRPOTrainer for --minutes each, 5 by default, and installs TRL on first use)."""
 
 
 def _resolve(target: str) -> Callable[[GopoConfig], list[Row]]:
@@ -113,6 +115,7 @@ def main(cfg: GopoConfig, only: list[str], out: Path, **bench_kw: Any) -> list[R
     from rich.table import Table
 
     console = Console()
+    only = [n.strip() for item in only for n in item.split(",") if n.strip()]  # --only loop,async or repeated
     unknown = [n for n in only if n not in BENCHES]
     if unknown:
         raise SystemExit(f"unknown benchmark(s) {unknown}; choose from {sorted(BENCHES)}")

@@ -136,14 +136,73 @@ def reward_curve(run_dir: Path, bin_s: float = 60.0) -> dict[str, Any]:
     }
 
 
-def _train(minutes: float, out: Path, name: str, extra: Sequence[str] = ()) -> tuple[subprocess.CompletedProcess, float]:  # noqa: E501
+def _train(
+    minutes: float, out: Path, name: str, extra: Sequence[str] = (), checkout: Path | None = None
+) -> tuple[subprocess.CompletedProcess, float]:
+    """A real `gopo-online train` of `minutes` in a child process; with `checkout`, the code of that checkout (an
+    earlier commit's worktree) runs, in this environment."""
     sets = [f"run.output_dir={json.dumps(str(out))}", f"run.name={json.dumps(name)}", f"run.max_minutes={minutes}",
             "run.resume=false", "dashboard.enabled=false", "dashboard.tensorboard=false", *extra]  # fmt: skip
     cmd = [sys.executable, "-m", "gopo_online.cli", "train"] + [a for s in sets for a in ("--set", s)]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if checkout is not None:  # sys.path (PYTHONPATH) is searched before the editable install's finder
+        env["PYTHONPATH"] = str(checkout)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60 * minutes + 300, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60 * minutes + 300, env=env,
+                          cwd=checkout)  # fmt: skip
     return proc, time.perf_counter() - t0
+
+
+BASELINE_REF = "fd353a5"
+"""The main that throughput issue was measured on (2026-11-21, the last commit before it): `bench --only loop` runs
+its `train` side by side with this checkout's unless `--baseline none`."""
+
+
+def _worktree(ref: str, where: Path) -> Path:
+    """A detached git worktree of `ref` of the repository this module lives in."""
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(where), ref],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"git worktree add {ref} failed: {proc.stderr.strip()[-500:]}")
+    return where
+
+
+def _drop_worktree(where: Path) -> None:
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(where)],
+                   capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def baseline_rows(ours: Mapping[str, float], ours_wall: float, baseline: str, minutes: float, tmp: Path) -> list[Row]:
+    """The same `train` on the `baseline` commit (a worktree, this environment), then its episodes/min and learner
+    steps/min and ours / theirs (target >= 5x)."""
+    tree = _worktree(baseline, tmp / "baseline-tree")
+    try:
+        proc, wall = _train(minutes, tmp / "baseline-runs", "baseline", (), checkout=tree)
+    finally:
+        _drop_worktree(tree)
+    run_dir = tmp / "baseline-runs" / "baseline"
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise RuntimeError(f"the baseline train ({baseline}) wrote no metrics (rc {proc.returncode}):\n"
+                           f"{proc.stderr[-3000:]}")  # fmt: skip
+    b = _metrics(run_dir)
+    # per minute of each whole `train` (start-up included, the same for both): a run with one episode has no span
+    rate = {side: {k: m[k] / max(w / 60.0, 1e-9) for k in ("episodes", "learner_steps")}
+            for side, m, w in (("ours", ours, ours_wall), ("baseline", b, wall))}  # fmt: skip
+    o, t = rate["ours"], rate["baseline"]
+    return [
+        _row("loop", "baseline.episodes_per_min", t["episodes"], "episodes/min", commit=baseline,
+             episodes=int(b["episodes"]), learner_steps=int(b["learner_steps"]), rc=proc.returncode,
+             wall_s=round(wall, 1)),
+        _row("loop", "baseline.learner_steps_per_min", t["learner_steps"], "steps/min", commit=baseline),
+        _row("loop", "train.episodes_per_train_min", o["episodes"], "episodes/min", wall_s=round(ours_wall, 1)),
+        _row("loop", "train.learner_steps_per_min", o["learner_steps"], "steps/min"),
+        _row("loop", "ratio_episodes_per_min_vs_baseline", o["episodes"] / max(t["episodes"], 1e-9), "x",
+             target=5.0, baseline_zero=t["episodes"] == 0),
+        _row("loop", "ratio_learner_steps_per_min_vs_baseline", o["learner_steps"] / max(t["learner_steps"], 1e-9),
+             "x", target=5.0, baseline_zero=t["learner_steps"] == 0),
+    ]  # fmt: skip
 
 
 SYNC_SETS = ("workers.sync=true", "learner.max_staleness=0", "learner.push_every=1")
@@ -181,8 +240,9 @@ def bench_async(cfg: GopoConfig, minutes: float = 10.0) -> list[Row]:
     return rows
 
 
-def bench_loop(cfg: GopoConfig, minutes: float = 3.0) -> list[Row]:
-    """Run a `minutes`-long train, then replay its request log on a bare server (see the module docstring)."""
+def bench_loop(cfg: GopoConfig, minutes: float = 3.0, baseline: str | None = BASELINE_REF) -> list[Row]:
+    """Run a `minutes`-long train, then replay its request log on a bare server (see the module docstring); then,
+    unless `baseline` is None or "none", the same train on the `baseline` commit."""
     from gopo_online.requestlog import read_requests, summarize
     from gopo_online.serving.process import server_from_config
 
@@ -215,4 +275,6 @@ def bench_loop(cfg: GopoConfig, minutes: float = 3.0) -> list[Row]:
         rows.append(_row("loop", "replay.tok_per_s", r["tok_per_s"], "tok/s", concurrency=concurrency,
                          wall_s=round(r["wall_s"], 1)))  # fmt: skip
         rows.append(_row("loop", "ratio_loop_to_replay", loop["tok_per_s"] / r["tok_per_s"], "x", target=0.9))
+        if baseline and baseline.lower() != "none":
+            rows += baseline_rows(m, train_s, baseline, minutes, Path(tmp))
     return rows

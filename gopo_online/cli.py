@@ -295,7 +295,7 @@ def bench(
         "results/bench.json"
     ),
     minutes: Annotated[
-        float | None, typer.Option(help="learning: training minutes per arm (lr and lr=0; default 30).")
+        float | None, typer.Option(help="minutes per train: learning (per arm, 30), loop (3), async (10), peer (5).")
     ] = None,
     control_minutes: Annotated[
         float | None,
@@ -303,6 +303,10 @@ def bench(
     ] = None,
     personas: Annotated[int | None, typer.Option(help="learning: held-out personas (pairs) to evaluate.")] = None,
     max_turns: Annotated[int | None, typer.Option(help="learning: turns per eval episode.")] = None,
+    baseline: Annotated[
+        str | None,
+        typer.Option(help="loop: git ref of an earlier main whose `train` runs side by side (worktree); 'none' skips"),
+    ] = None,
 ) -> None:
     """Benchmarks: reward math, broker throughput, vLLM tok/s, weight push latency, learner step time; and, only with
     --only learning, a training run vs its lr-0 control on held-out personas."""
@@ -318,6 +322,7 @@ def bench(
         control_minutes=control_minutes,
         personas=personas,
         max_turns=max_turns,
+        baseline=baseline,
     )
 
 

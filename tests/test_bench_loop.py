@@ -55,3 +55,38 @@ def test_reward_curve_bins_learner_rewards_by_wall_clock(tmp_path):
     assert c["bins"] == [(0.0, 0.2), (60.0, 0.5), (120.0, 0.7)]
     assert c["late_mean"] == pytest.approx(0.6)  # steps at or after half the 120 s span
     assert reward_curve(tmp_path / "missing") == {"points": [], "bins": [], "late_mean": None}
+
+
+def test_baseline_worktree_runs_that_commits_code(tmp_path):
+    """`bench --only loop` runs the baseline's `train` from a worktree of that commit in this environment: the child
+    imports the worktree's packages (sys.path before the editable install's finder), and the worktree goes away."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from gopo_online import bench_loop
+
+    repo = Path(bench_loop.__file__).resolve().parents[1]
+    if subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout: no commit to make a worktree of")
+    tree = bench_loop._worktree("HEAD", tmp_path / "tree")
+    try:
+        code = "import gopo_online, workers, trainer, simulator; print(gopo_online.__file__, workers.__file__)"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tree,
+                             env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin"}, check=True).stdout  # fmt: skip
+        assert all(Path(p).resolve().is_relative_to(tree.resolve()) for p in out.split())
+    finally:
+        bench_loop._drop_worktree(tree)
+    assert not tree.exists()
+    with pytest.raises(RuntimeError, match="git worktree add no-such-ref failed"):
+        bench_loop._worktree("no-such-ref", tmp_path / "bad")
+
+
+def test_only_takes_comma_separated_names(tmp_path):
+    from gopo_online.bench import main
+    from gopo_online.config import load_config
+
+    with pytest.raises(SystemExit, match=r"unknown benchmark\(s\) \['nosuch'\]"):
+        main(load_config(), ["math,nosuch"], tmp_path / "bench.json")
+    rows = main(load_config(), ["math,"], tmp_path / "bench.json")
+    assert rows and {r["bench"] for r in rows} == {"math"}

@@ -43,6 +43,7 @@ from gopo_online import events as events_lib
 from gopo_online.config import GopoConfig
 from gopo_online.events import Key
 from gopo_online.metrics_log import MetricsLogger
+from gopo_online.models import LORA_TARGETS
 from gopo_online.trajectory_store import TrajectoryStore
 from gopo_online.types import Trajectory
 from trainer.collate import (
@@ -69,7 +70,6 @@ KEEP_CHECKPOINTS = 2
 CONSUMED_IDS_KEPT = 100_000
 """Episode ids a learner remembers (and checkpoints) as consumed: a redelivered trajectory among them is not trained
 again, after a restart too (the stream consumer's own dedupe window is as long, but lives in memory only)."""
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _init_single_process_dist() -> None:
@@ -281,9 +281,8 @@ class Learner:
                     f"learner.lora_rank = {self.lc.lora_rank} exceeds serving.max_lora_rank = "
                     f"{self.cfg.serving.max_lora_rank}: the server could not load the adapters"
                 )
-            lcfg = LoraConfig(
-                r=self.lc.lora_rank, lora_alpha=2 * self.lc.lora_rank, lora_dropout=0.0, target_modules=LORA_TARGETS
-            )
+            r = self.lc.lora_rank
+            lcfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
             peft_model = get_peft_model(load(), lcfg, adapter_name="expert")
             peft_model.add_adapter("cs", lcfg)
             self._set_trainable(peft_model)
@@ -391,6 +390,9 @@ class Learner:
             self._bookkeeping(st)
         st.version = self.version
         st.step_time_s = time.perf_counter() - t0
+        if any(col.n_rows.values()):
+            st.trained_completion_tok_per_s = sum(s.completion_tokens or 0 for s in st.agents.values()) / st.step_time_s
+            st.trained_tok_per_s = sum(s.tokens or 0 for s in st.agents.values()) / st.step_time_s
         st.peak_rss_mb = _rss_mb()
         return st
 
@@ -449,6 +451,8 @@ class Learner:
         for a in AGENTS:
             s = st.agents[a]
             s.rows, s.skipped_turns = col.n_rows[a], col.skipped_turns[a]
+            s.completion_tokens = int(sum(float(mb.completion_mask.sum()) for mb in col.batches[a]))
+            s.tokens = int(sum(int(mb.attention_mask.sum()) for mb in col.batches[a]))
             if self.grammar_masks is None:
                 continue
             s.grammar_mismatch = 0

@@ -22,6 +22,10 @@ class AgentStats:
 
     rows: int | None = _m("learner/rows_{a}")
     skipped_turns: int | None = _m("learner/skipped_turns_{a}")
+    completion_tokens: int | None = _m("learner/completion_tokens_{a}")
+    """Completion tokens trained on (the policy-gradient targets)."""
+    tokens: int | None = _m("learner/tokens_{a}")
+    """Tokens through each forward and backward pass: prompts + completions, padding excluded."""
     loss: float | None = _m("loss/{a}")
     pg: float | None = _m("loss/{a}_pg")
     skill: float | None = _m("loss/{a}_skill")
@@ -83,6 +87,10 @@ class StepStats(Mapping[str, float]):
     push_time_s: float | None = _m("sys/push_time_s")
     checkpoint_time_s: float | None = _m("sys/checkpoint_time_s")
     step_time_s: float | None = _m("sys/step_time_s")
+    trained_completion_tok_per_s: float | None = _m("sys/trained_completion_tok_per_s")
+    """Completion tokens trained on per second of the step (both agents)."""
+    trained_tok_per_s: float | None = _m("sys/trained_tok_per_s")
+    """Tokens through the policy's forward+backward per second of the step (prompts + completions, both agents)."""
     peak_rss_mb: float | None = _m("sys/peak_rss_mb")
     agents: dict[str, AgentStats] = field(default_factory=dict)
 

@@ -66,9 +66,19 @@ def test_lora_zero0_two_steps_checkpoint_and_resume(tok, tmp_path):
     try:
         assert pushed[0][0] == 0 and (pushed[0][1]["expert"] / "adapter_model.safetensors").is_file()
         before = _lora(learner)
-        m1 = learner.step(_batch(tok, 0, seed=1))
+        batch1 = _batch(tok, 0, seed=1)
+        m1 = learner.step(batch1)
         assert all(torch.isfinite(torch.tensor(v)) for v in m1.values())
         assert m1["learner/rows_expert"] == 4 and m1["learner/rows_cs"] == 4
+        # the trained-token counts are the batch's own token ids (padding excluded), the rates per second of the step
+        for agent, attr in (("expert", "expert_gen"), ("cs", "cs_gen")):
+            gens = [getattr(t, attr) for tr in batch1 for t in tr.turns]
+            assert m1[f"learner/completion_tokens_{agent}"] == sum(len(g.completion_token_ids) for g in gens)
+            assert m1[f"learner/tokens_{agent}"] == sum(len(g.prompt_token_ids) + len(g.completion_token_ids)
+                                                        for g in gens)  # fmt: skip
+        n_comp = m1["learner/completion_tokens_expert"] + m1["learner/completion_tokens_cs"]
+        assert m1["sys/trained_completion_tok_per_s"] == pytest.approx(n_comp / m1["sys/step_time_s"], rel=0.05)
+        assert m1["sys/trained_tok_per_s"] > m1["sys/trained_completion_tok_per_s"] > 0
         after = _lora(learner)
         changed = {n for n in before if not torch.equal(before[n], after[n])}
         assert any(".expert." in n for n in changed) and any(".cs." in n for n in changed)
