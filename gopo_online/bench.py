@@ -92,6 +92,15 @@ def machine() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
     }
+    from gopo_online.hardware import cpu_flags
+
+    try:
+        model = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or None
+    flags = cpu_flags()
+    info["cpu"] = model
+    info["cpu_flags"] = sorted(f for f in flags if f in ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"))
     try:
         import torch
 

@@ -138,7 +138,7 @@ def reward_curve(run_dir: Path, bin_s: float = 60.0) -> dict[str, Any]:
 
 def _train(
     minutes: float, out: Path, name: str, extra: Sequence[str] = (), checkout: Path | None = None
-) -> tuple[subprocess.CompletedProcess, float]:
+) -> tuple[TrainRun, float]:
     """A real `gopo-online train` of `minutes` in a child process; with `checkout`, the code of that checkout (an
     earlier commit's worktree) runs, in this environment."""
     sets = [f"run.output_dir={json.dumps(str(out))}", f"run.name={json.dumps(name)}", f"run.max_minutes={minutes}",
@@ -148,9 +148,47 @@ def _train(
     if checkout is not None:  # sys.path (PYTHONPATH) is searched before the editable install's finder
         env["PYTHONPATH"] = str(checkout)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60 * minutes + 300, env=env,
-                          cwd=checkout)  # fmt: skip
+    proc = run_sampling_rss(cmd, timeout=60 * minutes + 300, env=env, cwd=checkout)
     return proc, time.perf_counter() - t0
+
+
+class TrainRun(subprocess.CompletedProcess):
+    peak_rss_mb: float = 0.0
+    """The largest resident memory of the whole process tree (train, its servers, workers, learner, broker)."""
+
+
+def run_sampling_rss(cmd: Sequence[str], timeout: float, every_s: float = 2.0, **kw: Any) -> TrainRun:
+    """`subprocess.run(cmd, capture_output, text)` that samples the RSS of the child's process tree every `every_s`
+    and keeps the peak (`TrainRun.peak_rss_mb`)."""
+    import threading
+
+    from gopo_online.procutil import tree_rss_mb
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:  # no pipe to fill up
+        child = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, **kw)
+        peak = [0.0]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(every_s):
+                peak[0] = max(peak[0], tree_rss_mb(child.pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            rc = child.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+            raise
+        finally:
+            done.set()
+            sampler.join()
+        out.seek(0)
+        err.seek(0)
+        result = TrainRun(cmd, rc, out.read(), err.read())
+    result.peak_rss_mb = peak[0]
+    return result
 
 
 BASELINE_REF = "fd353a5"
@@ -265,6 +303,8 @@ def bench_loop(cfg: GopoConfig, minutes: float = 3.0, baseline: str | None = BAS
         rows.append(_row("loop", "train.episodes_per_min", m["episodes_per_min"], "episodes/min",
                          episodes=int(m["episodes"]), learner_steps=int(m["learner_steps"])))  # fmt: skip
         rows.append(_row("loop", "train.requests_by_kind", len(reqs), "requests", by_kind=summarize(reqs)))
+        rows.append(_row("loop", "train.peak_rss_tree", proc.peak_rss_mb, "MiB", target=8192,
+                         note="RSS summed over the tree: shared pages count once per process"))  # fmt: skip
         server = server_from_config(cfg, "policy")
         server.log_path = Path(tmp) / "replay-vllm.log"
         server.start()

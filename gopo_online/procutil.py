@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import socket
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
 
@@ -73,3 +75,28 @@ def tail_lines(path: object, n: int) -> str:
         return ""
     with open(path, errors="replace") as f:  # type: ignore[call-overload]
         return "".join(collections.deque(f, maxlen=n))
+
+
+def tree_rss_mb(root_pid: int, proc: Path = Path("/proc")) -> float:
+    """Resident memory (MiB) of a process and all its descendants now, from /proc (Linux); 0 if it is gone. Shared
+    pages count once per process (RSS), so this is an upper bound of what the tree holds."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for d in proc.iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            statm = (d / "statm").read_text().split()
+        except OSError:  # exited while we looked
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the command name may hold spaces and parentheses
+        children.setdefault(ppid, []).append(int(d.name))
+        rss[int(d.name)] = int(statm[1])
+    page = os.sysconf("SC_PAGE_SIZE")
+    total, todo = 0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo += children.get(pid, [])
+    return total * page / 2**20

@@ -90,3 +90,19 @@ def test_only_takes_comma_separated_names(tmp_path):
         main(load_config(), ["math,nosuch"], tmp_path / "bench.json")
     rows = main(load_config(), ["math,"], tmp_path / "bench.json")
     assert rows and {r["bench"] for r in rows} == {"math"}
+
+
+def test_train_runs_report_the_peak_rss_of_their_whole_process_tree():
+    """The loop bench's peak-RSS row covers train's children (servers, workers, learner): here a grandchild holds
+    ~300 MiB for a few seconds while the direct child holds almost nothing."""
+    import sys
+
+    from gopo_online.bench_loop import run_sampling_rss
+
+    grandchild = "import time; b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(3)"
+    child = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {grandchild!r}]); print('done')"
+    got = run_sampling_rss([sys.executable, "-c", child], timeout=60, every_s=0.2)
+    assert got.returncode == 0 and got.stdout.strip() == "done"
+    assert 300 < got.peak_rss_mb < 1000
+    failed = run_sampling_rss([sys.executable, "-c", "import sys; sys.exit('bad input')"], timeout=60)
+    assert failed.returncode == 1 and "bad input" in failed.stderr
