@@ -95,8 +95,10 @@ def _read_events(run_dir: Path) -> list[dict[str, Any]]:
 def _metrics(run_dir: Path) -> dict[str, float]:
     episodes = steps = 0
     first = last = None
+    hit_rate = None
     for ev in _read_events(run_dir):
         kind = ev.get("kind")
+        hit_rate = (ev.get("metrics") or {}).get("sys/prefix_cache_hit_rate", hit_rate)  # the last one: whole run
         t = ev.get("time")
         if isinstance(t, int | float):
             first = t if first is None else min(first, t)
@@ -110,6 +112,7 @@ def _metrics(run_dir: Path) -> dict[str, float]:
         "episodes": float(episodes),
         "learner_steps": float(steps),
         "episodes_per_min": episodes / minutes if minutes else 0.0,
+        "prefix_cache_hit_rate": hit_rate,
     }
 
 
@@ -303,6 +306,9 @@ def bench_loop(cfg: GopoConfig, minutes: float = 3.0, baseline: str | None = BAS
         rows.append(_row("loop", "train.episodes_per_min", m["episodes_per_min"], "episodes/min",
                          episodes=int(m["episodes"]), learner_steps=int(m["learner_steps"])))  # fmt: skip
         rows.append(_row("loop", "train.requests_by_kind", len(reqs), "requests", by_kind=summarize(reqs)))
+        if m["prefix_cache_hit_rate"] is not None:
+            rows.append(_row("loop", "train.prefix_cache_hit_rate", m["prefix_cache_hit_rate"], "",
+                             note="policy server: cached / queried prompt tokens over the run"))  # fmt: skip
         rows.append(_row("loop", "train.peak_rss_tree", proc.peak_rss_mb, "MiB", target=8192,
                          note="RSS summed over the tree: shared pages count once per process"))  # fmt: skip
         server = server_from_config(cfg, "policy")

@@ -174,6 +174,7 @@ class DashboardState:
         self.pushes = 0
         self.push_latency: float | None = None
         self.server_tokens_per_s: float | None = None
+        self.prefix_cache_hit_rate: float | None = None
         """The policy server's own generation throughput (its /metrics), sampled by the controller."""
         self.restarts = 0
 
@@ -206,6 +207,7 @@ class DashboardState:
             self.in_flight = m.get(Key.IN_FLIGHT, self.in_flight)
             self.sys_tokens_per_s = m.get(Key.TOKENS_PER_S, self.sys_tokens_per_s)
             self.server_tokens_per_s = m.get(Key.SERVER_TOKENS_PER_S, self.server_tokens_per_s)
+            self.prefix_cache_hit_rate = m.get(Key.PREFIX_CACHE_HIT_RATE, self.prefix_cache_hit_rate)
         elif kind == "restart":  # a supervised part died and was restarted (workers/supervisor.py)
             self.restarts = max(self.restarts + 1, int(m.get(Key.RESTARTS, 0)))
             who = payload.get("component") or payload.get("part") or "?"
@@ -420,6 +422,7 @@ def render_state(state: DashboardState, run_name: str, excerpt_turns: int = 3, n
             ("  run average", _f(state.avg_episodes_per_min(), 1)),
             ("tokens/s", _f(state.tokens_per_s(now), 0)),
             ("server tok/s", _f(state.server_tokens_per_s, 0)),
+            ("prefix cache hit", "-" if state.prefix_cache_hit_rate is None else f"{state.prefix_cache_hit_rate:.0%}"),
             ("queue depth", _f(state.queue_depth, 0)),
             ("in-flight", _f(state.in_flight, 0)),
             ("episodes", f"{state.episodes:,}"),

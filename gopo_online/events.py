@@ -68,6 +68,7 @@ class Key:
     IN_FLIGHT = "sys/in_flight"
     TOKENS_PER_S = "sys/tokens_per_s"
     SERVER_TOKENS_PER_S = "sys/server_tokens_per_s"
+    PREFIX_CACHE_HIT_RATE = "sys/prefix_cache_hit_rate"
     # restart
     RESTARTS = "sys/restarts"
 

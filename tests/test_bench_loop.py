@@ -39,7 +39,11 @@ def test_metrics_counts_episodes_and_steps(tmp_path):
              {"time": 60.0, "kind": "episode", "step": 2}]  # fmt: skip
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     m = _metrics(tmp_path)
-    assert m == {"episodes": 2.0, "learner_steps": 2.0, "episodes_per_min": 2.0}
+    assert m == {"episodes": 2.0, "learner_steps": 2.0, "episodes_per_min": 2.0, "prefix_cache_hit_rate": None}
+    lines += [{"time": 40.0, "kind": "system", "metrics": {"sys/prefix_cache_hit_rate": 0.5}},
+              {"time": 50.0, "kind": "system", "metrics": {"sys/prefix_cache_hit_rate": 0.625}}]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert _metrics(tmp_path)["prefix_cache_hit_rate"] == 0.625  # the last: the server's counters are cumulative
 
 
 def test_reward_curve_bins_learner_rewards_by_wall_clock(tmp_path):

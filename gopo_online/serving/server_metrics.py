@@ -14,6 +14,9 @@ from collections.abc import Callable
 from gopo_online.events import Key
 
 GENERATION_TOKENS = "vllm:generation_tokens_total"
+PREFIX_CACHE_QUERIES = "vllm:prefix_cache_queries_total"
+PREFIX_CACHE_HITS = "vllm:prefix_cache_hits_total"
+"""Prompt tokens looked up in the prefix cache and found there, since the server started (vLLM V1 counters)."""
 
 
 def parse_counter(text: str, name: str = GENERATION_TOKENS) -> float | None:
@@ -42,8 +45,9 @@ class ServerThroughput:
         self.timeout_s = timeout_s
         self.clock = clock
         self._last: tuple[float, float] | None = None
+        self._text: str | None = None
 
-    def read(self) -> float | None:
+    def _fetch(self) -> str | None:
         import httpx
 
         try:
@@ -51,11 +55,16 @@ class ServerThroughput:
             r.raise_for_status()
         except httpx.HTTPError:
             return None
-        return parse_counter(r.text)
+        return r.text
+
+    def read(self) -> float | None:
+        text = self._fetch()
+        return None if text is None else parse_counter(text)
 
     def sample(self) -> float | None:
         """Tokens per second since the previous sample (None on the first one or when a read fails)."""
-        count, now = self.read(), self.clock()
+        self._text = self._fetch()
+        count, now = (None if self._text is None else parse_counter(self._text)), self.clock()
         if count is None:
             return None
         last, self._last = self._last, (now, count)
@@ -64,5 +73,13 @@ class ServerThroughput:
         return (count - last[1]) / (now - last[0])
 
     def metrics(self) -> dict[str, float]:
+        """Generated tok/s since the last sample, and the prefix cache's hit rate (hit / queried prompt tokens since
+        the server started) when the server counts it."""
         rate = self.sample()
-        return {} if rate is None else {Key.SERVER_TOKENS_PER_S: rate}
+        out = {} if rate is None else {Key.SERVER_TOKENS_PER_S: rate}
+        if self._text is not None:
+            queries = parse_counter(self._text, PREFIX_CACHE_QUERIES)
+            hits = parse_counter(self._text, PREFIX_CACHE_HITS)
+            if queries and hits is not None:
+                out[Key.PREFIX_CACHE_HIT_RATE] = hits / queries
+        return out

@@ -63,3 +63,15 @@ def test_rate_between_samples_restart_and_outage(server) -> None:
     assert tp.metrics() == {}  # an outage is no sample, not an error
     state["up"], state["a"] = True, 250.0
     assert tp.metrics() == {Key.SERVER_TOKENS_PER_S: 50.0}  # (250 - 50) / 4 s since the last good sample
+
+
+def test_prefix_cache_hit_rate_is_reported_when_the_server_counts_it(server) -> None:
+    url, state = server
+    extra = ('vllm:prefix_cache_queries_total{engine="0",model_name="policy"} 800.0\n'
+             'vllm:prefix_cache_hits_total{engine="0",model_name="policy"} 600.0\n')  # fmt: skip
+    t = iter([0.0, 2.0])
+    tp = ServerThroughput(url + "/v1", clock=lambda: next(t))
+    tp._fetch = lambda: TEXT.format(a=state["a"], b=0.0) + extra  # the same server, now with vLLM's cache counters
+    assert tp.metrics() == {Key.PREFIX_CACHE_HIT_RATE: 0.75}  # no rate yet from one sample, the hit rate already
+    state["a"] = 300.0
+    assert tp.metrics() == {Key.SERVER_TOKENS_PER_S: 100.0, Key.PREFIX_CACHE_HIT_RATE: 0.75}
