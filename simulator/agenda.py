@@ -642,7 +642,10 @@ class AgendaUserSimulator:
         rejected by the `too_long` gate instead)."""
 
     @classmethod
-    def from_config(cls, sim_cfg: Any, client: Any, model: str, *, regex: bool = True) -> AgendaUserSimulator:
+    def from_config(
+        cls, sim_cfg: Any, client: Any, model: str, *, regex: bool = True, rewrite: bool | None = None
+    ) -> AgendaUserSimulator:
+        """`rewrite`: the resolved `agenda_rewrite` (simulator.user.agenda_rewrite); None reads a bool from sim_cfg."""
         return cls(
             client,
             model,
@@ -650,7 +653,7 @@ class AgendaUserSimulator:
             max_tokens=sim_cfg.max_tokens,
             utterance_chars=sim_cfg.utterance_chars,
             max_turns=sim_cfg.max_turns,
-            rewrite=sim_cfg.agenda_rewrite,
+            rewrite=rewrite if rewrite is not None else sim_cfg.agenda_rewrite is True,
             regex=regex,
         )
 

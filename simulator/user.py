@@ -384,6 +384,15 @@ def simulator_mode(cfg: Any) -> Literal["agenda", "llm"]:
     return mode
 
 
+def agenda_rewrite(cfg: Any) -> bool:
+    """`simulator.agenda_rewrite` resolved: "auto" rewords with the LLM only when the simulator model is a capable
+    one (a configured `model.path` or an external endpoint), the same rule as the judge's "auto"."""
+    value = cfg.simulator.agenda_rewrite
+    if value == "auto":
+        return cfg.model.path is not None or cfg.serving.simulator == "external"
+    return bool(value)
+
+
 def make_user_simulator(
     cfg: Any, client: ChatLike, model: str, *, structured: Literal["regex", "json", "none"] = "regex"
 ) -> Any:
@@ -391,5 +400,7 @@ def make_user_simulator(
     if simulator_mode(cfg) == "agenda":
         from simulator.agenda import AgendaUserSimulator
 
-        return AgendaUserSimulator.from_config(cfg.simulator, client, model, regex=structured == "regex")
+        return AgendaUserSimulator.from_config(
+            cfg.simulator, client, model, regex=structured == "regex", rewrite=agenda_rewrite(cfg)
+        )
     return UserSimulator.from_config(cfg.simulator, client, model, structured=structured)

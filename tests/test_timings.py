@@ -137,7 +137,7 @@ def test_worker_writes_the_request_log_of_its_episodes(tmp_path):
 
     with LoadServer(("policy",)) as srv:
         cfg = load_config(overrides=[f'serving.policy.url="{srv.root_url}"', f'run.output_dir="{tmp_path}"',
-                                     "simulator.max_turns=2"])  # fmt: skip
+                                     "simulator.max_turns=2", "simulator.agenda_rewrite=true"])  # fmt: skip
         traj = rollout(Dispatcher(cfg).request(0, 0), WorkerContext(cfg=cfg, broker_url="memory://"))
         assert traj.status == "ok", traj.error
         logs = list((cfg.run.run_dir / "requests").glob("*.jsonl"))

@@ -221,6 +221,22 @@ def test_mode_default_and_factory():
         UserSimulator(EchoClient(), "m", max_tokens=160)
 
 
+def test_the_small_default_uses_the_template_words_without_an_llm_call(food):
+    """`simulator.agenda_rewrite = "auto"`: no rewording request on the small default (the gates rejected 83% of the
+    135M model's rewordings, and they were half of the engine's requests); a capable simulator model rewords."""
+    client = EchoClient()
+    res = _respond(make_user_simulator(CFG, client, "m"), persona(), food)
+    assert client.calls == [] and res.meta.source == "template"
+    for overrides in (["simulator.agenda_rewrite=true"], ["model.path='/models/big'"]):
+        client = EchoClient()
+        res = _respond(make_user_simulator(load_config(overrides=overrides), client, "m"), persona(), food)
+        assert len(client.calls) == 1 and res.meta.source == "llm", overrides
+    client = EchoClient()
+    off = load_config(overrides=["model.path='/models/big'", "simulator.agenda_rewrite=false"])
+    assert _respond(make_user_simulator(off, client, "m"), persona(), food).meta.source == "template"
+    assert client.calls == []
+
+
 def test_agenda_episode_state_is_recorded_and_replayable(food):
     p = persona(information_disclosure="forthcoming")
     sim = AgendaUserSimulator(None, "m")
@@ -244,7 +260,7 @@ def test_agenda_episode_state_is_recorded_and_replayable(food):
 
 def test_non_vllm_endpoint_gets_no_regex_and_long_text_is_rejected(food):
     client = EchoClient(text="I want my money back now. " * 20)
-    sim = make_user_simulator(CFG, client, "m", structured="json")
+    sim = make_user_simulator(load_config(overrides=["simulator.agenda_rewrite=true"]), client, "m", structured="json")
     res = _respond(sim, persona(), food)
     assert client.calls[0]["structured"] is None
     assert res.meta.source == "template" and "too_long" in res.meta.state["llm_rejected"][0]
