@@ -207,6 +207,27 @@ def run_trl(cfg: GopoConfig, seconds: float, out: Path, seed: int = 0, batch: in
     return result
 
 
+_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def run_trl_child(cfg: GopoConfig, seconds: float, out_dir: Path, batch: int = 8, generations: int = 4) -> dict:
+    """`run_trl` in a child process (`python -m simulator.peer_bench`) with every core and no torch.distributed
+    variables inherited (a learner in this process leaves them; accelerate would then try a rendezvous)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path, out = out_dir / "config.json", out_dir / "trl.json"
+    cfg_path.write_text(cfg.model_dump_json())
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    env |= {"OMP_NUM_THREADS": str(os.cpu_count() or 1), "TOKENIZERS_PARALLELISM": "false"}
+    child = subprocess.run(
+        [sys.executable, "-m", "simulator.peer_bench", "--config-json", str(cfg_path), "--seconds", str(seconds),
+         "--out", str(out), "--batch", str(batch), "--generations", str(generations)],
+        capture_output=True, text=True, timeout=seconds + 1200, env=env,
+    )  # fmt: skip
+    if child.returncode != 0 or not out.is_file():
+        raise RuntimeError(f"the TRL run failed (rc {child.returncode}):\n{child.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
 # ----------------------------------------------------------------------------- ours
 def ours_from_run(run_dir: Path) -> dict[str, Any]:
     """Trained completion tokens, update times and `reward/cs` per update of a `train` run's metrics.jsonl; the clock
@@ -248,17 +269,7 @@ def bench_peer(cfg: GopoConfig, minutes: float = 5.0, target_gain: float = 0.05)
         if not (run_dir / "metrics.jsonl").is_file():
             raise RuntimeError(f"the train run wrote no metrics (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
         ours = ours_from_run(run_dir)
-        env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1), "TOKENIZERS_PARALLELISM": "false"}
-        cfg_path = out / "config.json"
-        cfg_path.write_text(cfg.model_dump_json())
-        child = subprocess.run(
-            [sys.executable, "-m", "simulator.peer_bench", "--config-json", str(cfg_path), "--seconds",
-             str(60.0 * minutes), "--out", str(out / "trl.json")],
-            capture_output=True, text=True, timeout=60 * minutes + 1200, env=env,
-        )  # fmt: skip
-        if child.returncode != 0 or not (out / "trl.json").is_file():
-            raise RuntimeError(f"the TRL run failed (rc {child.returncode}):\n{child.stderr[-3000:]}")
-        theirs = json.loads((out / "trl.json").read_text())
+        theirs = run_trl_child(cfg, 60.0 * minutes, out / "trl")
     sides = {"ours": ours, "trl": theirs}
     rates: dict[str, float] = {}
     for side, d in sides.items():
@@ -288,9 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config-json", type=Path, required=True)
     ap.add_argument("--seconds", type=float, required=True)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--generations", type=int, default=4)
     a = ap.parse_args(argv)
     cfg = GopoConfig.model_validate_json(a.config_json.read_text())
-    run_trl(cfg, a.seconds, a.out)
+    run_trl(cfg, a.seconds, a.out, batch=a.batch, generations=a.generations)
     return 0
 
 
