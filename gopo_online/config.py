@@ -457,6 +457,12 @@ class GopoConfig(Section):
     rewards: RewardsConfig = RewardsConfig()
     dashboard: DashboardConfig = DashboardConfig()
 
+    @property
+    def small_simulator_model(self) -> bool:
+        """The simulator and judge run on the small default model (no `model.path`, no external endpoint): what the
+        "auto" settings of `judge.mode` and `simulator.agenda_rewrite` decide by."""
+        return self.model.path is None and self.serving.simulator != "external"
+
     @model_validator(mode="after")
     def _consistent(self) -> GopoConfig:
         if self.serving.weight_transport != "lora":

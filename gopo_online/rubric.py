@@ -463,5 +463,4 @@ def resolve_mode(cfg: Any) -> str:
     mode = cfg.judge.mode
     if mode != "auto":
         return mode
-    small = cfg.model.path is None and cfg.serving.simulator != "external"
-    return "rubric" if small else "llm"
+    return "rubric" if cfg.small_simulator_model else "llm"

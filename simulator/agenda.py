@@ -643,9 +643,9 @@ class AgendaUserSimulator:
 
     @classmethod
     def from_config(
-        cls, sim_cfg: Any, client: Any, model: str, *, regex: bool = True, rewrite: bool | None = None
+        cls, sim_cfg: Any, client: Any, model: str, *, rewrite: bool, regex: bool = True
     ) -> AgendaUserSimulator:
-        """`rewrite`: the resolved `agenda_rewrite` (simulator.user.agenda_rewrite); None reads a bool from sim_cfg."""
+        """`rewrite`: `simulator.agenda_rewrite` resolved (its "auto" needs the whole config: `agenda_rewrite`)."""
         return cls(
             client,
             model,
@@ -653,7 +653,7 @@ class AgendaUserSimulator:
             max_tokens=sim_cfg.max_tokens,
             utterance_chars=sim_cfg.utterance_chars,
             max_turns=sim_cfg.max_turns,
-            rewrite=rewrite if rewrite is not None else sim_cfg.agenda_rewrite is True,
+            rewrite=rewrite,
             regex=regex,
         )
 

@@ -388,9 +388,7 @@ def agenda_rewrite(cfg: Any) -> bool:
     """`simulator.agenda_rewrite` resolved: "auto" rewords with the LLM only when the simulator model is a capable
     one (a configured `model.path` or an external endpoint), the same rule as the judge's "auto"."""
     value = cfg.simulator.agenda_rewrite
-    if value == "auto":
-        return cfg.model.path is not None or cfg.serving.simulator == "external"
-    return bool(value)
+    return not cfg.small_simulator_model if value == "auto" else bool(value)
 
 
 def make_user_simulator(

@@ -45,9 +45,9 @@ class ServerThroughput:
         self.timeout_s = timeout_s
         self.clock = clock
         self._last: tuple[float, float] | None = None
-        self._text: str | None = None
 
     def _fetch(self) -> str | None:
+        """The server's /metrics text, None when it does not answer."""
         import httpx
 
         try:
@@ -57,14 +57,9 @@ class ServerThroughput:
             return None
         return r.text
 
-    def read(self) -> float | None:
-        text = self._fetch()
-        return None if text is None else parse_counter(text)
-
-    def sample(self) -> float | None:
-        """Tokens per second since the previous sample (None on the first one or when a read fails)."""
-        self._text = self._fetch()
-        count, now = (None if self._text is None else parse_counter(self._text)), self.clock()
+    def _rate(self, text: str | None) -> float | None:
+        """Tokens per second since the previous sample (None on the first one or when a read failed)."""
+        count, now = (None if text is None else parse_counter(text)), self.clock()
         if count is None:
             return None
         last, self._last = self._last, (now, count)
@@ -73,13 +68,14 @@ class ServerThroughput:
         return (count - last[1]) / (now - last[0])
 
     def metrics(self) -> dict[str, float]:
-        """Generated tok/s since the last sample, and the prefix cache's hit rate (hit / queried prompt tokens since
-        the server started) when the server counts it."""
-        rate = self.sample()
+        """From one read of /metrics: generated tok/s since the last sample, and the prefix cache's hit rate (hit /
+        queried prompt tokens since the server started) when the server counts it."""
+        text = self._fetch()
+        rate = self._rate(text)
         out = {} if rate is None else {Key.SERVER_TOKENS_PER_S: rate}
-        if self._text is not None:
-            queries = parse_counter(self._text, PREFIX_CACHE_QUERIES)
-            hits = parse_counter(self._text, PREFIX_CACHE_HITS)
+        if text is not None:
+            queries = parse_counter(text, PREFIX_CACHE_QUERIES)
+            hits = parse_counter(text, PREFIX_CACHE_HITS)
             if queries and hits is not None:
                 out[Key.PREFIX_CACHE_HIT_RATE] = hits / queries
         return out
